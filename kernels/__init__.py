@@ -1,0 +1,1 @@
+"""Triton kernels for VisualRWKV (installed as `visualrwkv_kernels`)."""

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every test, in order: the package is in sync with the notebooks, the notebooks run on the CPU, then pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TRITON_INTERPRET="${TRITON_INTERPRET:-1}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+
+echo "== 1/3 nbdev_export leaves visualrwkv/ unchanged"
+nbdev_export
+if ! git diff --quiet -- visualrwkv || [ -n "$(git ls-files --others --exclude-standard -- visualrwkv)" ]; then
+  git status --short -- visualrwkv
+  echo "FAIL: visualrwkv/ is out of sync with nbs/: run nbdev_export and commit the result" >&2
+  exit 1
+fi
+
+echo "== 2/3 nbdev_test (CPU; cells flagged cuda or slow are skipped)"
+nbdev_test --n_workers 2 --timing
+
+echo "== 3/3 pytest tests/"
+python -m pytest tests/ -q
