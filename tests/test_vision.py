@@ -1,0 +1,113 @@
+"""The open_clip vision tower equals HF CLIPVisionModel after conversion; grid pooling equals a float64 loop reference."""
+import math
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from visualrwkv.vision import (CLIPVisionTower, VisionConfig, check_state_dict, grid_pool, hf_clip_vision_to_open_clip,
+                               load_checked, n_pooled_tokens, open_clip_to_hf_clip_vision, read_state_dict,
+                               vision_config_from_state_dict)
+
+
+def random_hf(seed, act="quick_gelu", layers=2):
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=3,
+                           image_size=42, patch_size=7, hidden_act=act)
+    model = CLIPVisionModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters(): p.normal_(0, 0.2)
+    return model
+
+
+def hf_features(model, images):
+    with torch.no_grad(): h = model(pixel_values=images).last_hidden_state
+    return torch.cat([h[:, 1:], h[:, :1]], dim=1)
+
+
+@pytest.mark.parametrize("prefix", ["vision_model.", ""])
+def test_hf_converted_features_equal(prefix):
+    hf = random_hf(1)
+    sd = hf_clip_vision_to_open_clip({prefix + k: v for k, v in hf.state_dict().items()})
+    tower = CLIPVisionTower(vision_config_from_state_dict(sd, head_width=16))
+    load_checked(tower.visual, sd)
+    images = torch.randn(3, 3, 42, 42)
+    feats = tower(images)
+    assert feats.shape == (3, 37, 48)
+    torch.testing.assert_close(feats, hf_features(hf, images), atol=1e-5, rtol=1e-5)
+
+
+def test_gelu_tower_matches_gelu_hf_and_differs_from_quick_gelu():
+    hf = random_hf(2, act="gelu")
+    sd = hf_clip_vision_to_open_clip(hf.state_dict())
+    images = torch.randn(2, 3, 42, 42)
+    exact, quick = (CLIPVisionTower(vision_config_from_state_dict(sd, head_width=16, quick_gelu=q)) for q in (False, True))
+    for t in (exact, quick): load_checked(t.visual, sd)
+    torch.testing.assert_close(exact(images), hf_features(hf, images), atol=1e-5, rtol=1e-5)
+    assert (quick(images) - exact(images)).abs().max() > 1e-3
+
+
+def test_round_trip_and_position_ids_buffer():
+    hf_sd = {f"vision_model.{k}": v for k, v in random_hf(3).state_dict().items()}
+    oc = hf_clip_vision_to_open_clip({**hf_sd, "vision_model.embeddings.position_ids": torch.arange(37)[None]})
+    back = open_clip_to_hf_clip_vision(oc)
+    assert sorted(back) == sorted(hf_sd) and all(torch.equal(back[k], hf_sd[k]) for k in back)
+    with pytest.raises(ValueError, match="position_ids"):
+        hf_clip_vision_to_open_clip({**hf_sd, "vision_model.embeddings.position_ids": torch.zeros(1, 37)})
+    incomplete = {k: v for k, v in hf_sd.items() if "layers.1.self_attn.k_proj" not in k}
+    with pytest.raises(ValueError, match="encoder.layers.1.self_attn"):
+        hf_clip_vision_to_open_clip(incomplete)
+
+
+def test_check_state_dict_names_every_problem():
+    expected = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    with pytest.raises(ValueError) as err:
+        check_state_dict(expected, {"a": torch.zeros(4), "c": torch.zeros(1)}, "ckpt")
+    msg = str(err.value)
+    assert "missing ['b']" in msg and "unexpected ['c']" in msg and "a: expected (2,), got (4,)" in msg
+
+
+def test_read_state_dict_pth_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+    sd = {"w": torch.randn(3, 2)}
+    torch.save({"state_dict": {"module.w": sd["w"]}}, tmp_path / "a.pth")
+    save_file(sd, tmp_path / "b.safetensors")
+    for name in ("a.pth", "b.safetensors"):
+        torch.testing.assert_close(read_state_dict(tmp_path / name)["w"], sd["w"])
+    with pytest.raises(ValueError, match="not found"): read_state_dict(tmp_path / "none.pth")
+
+
+def grid_pool_reference(features, g):
+    B, N1, W = features.shape
+    P = math.isqrt(N1 - 1)
+    if g == -1: return features
+    if g == 0: return features[:, -1:]
+    if g == 1: return torch.cat([features[:, :-1].mean(1, keepdim=True), features[:, -1:]], 1)
+    s = P // g
+    out = torch.zeros(B, g * g + 1, W, dtype=torch.float64)
+    for b in range(B):
+        for i in range(g):
+            for j in range(g):
+                cell = [features[b, (i * s + di) * P + j * s + dj] for di in range(s) for dj in range(s)]
+                out[b, i * g + j] = torch.stack(cell).mean(0)
+        out[b, -1] = features[b, -1]
+    return out
+
+
+@pytest.mark.parametrize("g", [-1, 0, 1, 2, 3, 4, 6, 12])
+def test_grid_pool_equals_reference(g):
+    feats = torch.randn(2, 12 * 12 + 1, 4, dtype=torch.float64)
+    pooled = grid_pool(feats, g)
+    torch.testing.assert_close(pooled, grid_pool_reference(feats, g))
+    assert pooled.shape[1] == n_pooled_tokens(g, 12)
+
+
+def test_grid_pool_bad_sizes():
+    with pytest.raises(ValueError, match="divisor"): grid_pool(torch.randn(1, 145, 2), 5)
+    with pytest.raises(ValueError, match="divisor"): grid_pool(torch.randn(1, 145, 2), -2)
+    with pytest.raises(ValueError, match="square"): grid_pool(torch.randn(1, 11, 2), 2)
+
+
+def test_vit_l_14_336_shape():
+    cfg = VisionConfig()
+    assert (cfg.grid, cfg.heads, cfg.n_tokens) == (24, 16, 577)
