@@ -3,17 +3,18 @@
 # %% auto #0
 __all__ = ['log_decay', 'init_time_decay']
 
-# %% ../nbs/02_decay.ipynb #e4cae4b9
+# %% ../nbs/02_decay.ipynb #4972cc70
 import math
 import torch
+from .ddlerp import lora
 
-# %% ../nbs/02_decay.ipynb #05b79202
+# %% ../nbs/02_decay.ipynb #4a6f23df
 def log_decay(xw, time_decay, w1, w2):
     "Eq. 7-8 in log space: log w_t = -exp(d_t), with d_t = time_decay + tanh(xw w1) w2 (the decay LoRA)."
     d = lora(xw, w1, w2, time_decay)                     # [B, T, C], Eq. 7
-    return -torch.exp(d.float())                         # [B, T, C], log of Eq. 8, always <= 0
+    return -torch.exp(d.to(torch.promote_types(d.dtype, torch.float32)))   # [B, T, C], log of Eq. 8, <= 0, >= fp32
 
-# %% ../nbs/02_decay.ipynb #abbfcc9e
+# %% ../nbs/02_decay.ipynb #3b506016
 def init_time_decay(C, layer_id, n_layer):
     "The official RWKV-6 initial decay logits d per channel: -6 + 5 (n/(C-1))^(0.7 + 1.3 layer/(L-1))."
     depth = layer_id / max(n_layer - 1, 1)
