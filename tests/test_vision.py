@@ -5,9 +5,8 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from visualrwkv.vision import (CLIPVisionTower, VisionConfig, check_state_dict, grid_pool, hf_clip_vision_to_open_clip,
-                               load_checked, n_pooled_tokens, open_clip_to_hf_clip_vision, read_state_dict,
-                               vision_config_from_state_dict)
+from visualrwkv.vision import (CLIPVisionTower, VisionConfig, grid_pool, hf_clip_vision_to_open_clip, load_checked,
+                               n_pooled_tokens, open_clip_to_hf_clip_vision, vision_config_from_state_dict)
 
 
 def random_hf(seed, act="quick_gelu", layers=2):
@@ -59,22 +58,17 @@ def test_round_trip_and_position_ids_buffer():
         hf_clip_vision_to_open_clip(incomplete)
 
 
-def test_check_state_dict_names_every_problem():
-    expected = {"a": torch.zeros(2), "b": torch.zeros(3)}
-    with pytest.raises(ValueError) as err:
-        check_state_dict(expected, {"a": torch.zeros(4), "c": torch.zeros(1)}, "ckpt")
+def test_load_checked_names_every_problem():
+    hf = random_hf(4)
+    sd = hf_clip_vision_to_open_clip({**hf.state_dict(), "encoder.layers.0.mlp.fc3.weight": torch.zeros(1)}, unknown_ok=True)
+    sd.pop("ln_post.bias")
+    sd["ln_pre.weight"] = torch.zeros(5)
+    tower = CLIPVisionTower(vision_config_from_state_dict(sd, head_width=16))
+    with pytest.raises(ValueError) as err: load_checked(tower.visual, sd, "tower")
     msg = str(err.value)
-    assert "missing ['b']" in msg and "unexpected ['c']" in msg and "a: expected (2,), got (4,)" in msg
-
-
-def test_read_state_dict_pth_and_safetensors(tmp_path):
-    from safetensors.torch import save_file
-    sd = {"w": torch.randn(3, 2)}
-    torch.save({"state_dict": {"module.w": sd["w"]}}, tmp_path / "a.pth")
-    save_file(sd, tmp_path / "b.safetensors")
-    for name in ("a.pth", "b.safetensors"):
-        torch.testing.assert_close(read_state_dict(tmp_path / name)["w"], sd["w"])
-    with pytest.raises(ValueError, match="not found"): read_state_dict(tmp_path / "none.pth")
+    assert "missing 'ln_post.bias'" in msg and "unexpected 'encoder.layers.0.mlp.fc3.weight'" in msg
+    assert "'ln_pre.weight' has shape (5,)" in msg
+    with pytest.raises(ValueError, match="unknown keys"): hf_clip_vision_to_open_clip({"encoder.layers.0.mlp.fc3.weight": 0})
 
 
 def grid_pool_reference(features, g):

@@ -2,11 +2,11 @@
 
 # %% auto #0
 __all__ = ['VisionConfig', 'build_open_clip_vit', 'CLIPVisionTower', 'clip_preprocess', 'hf_clip_vision_to_open_clip',
-           'open_clip_to_hf_clip_vision', 'check_state_dict', 'load_checked', 'vision_config_from_state_dict',
-           'read_state_dict', 'load_open_clip_vision', 'n_pooled_tokens', 'grid_pool', 'build_projector']
+           'open_clip_to_hf_clip_vision', 'load_checked', 'vision_config_from_state_dict', 'load_open_clip_vision',
+           'n_pooled_tokens', 'grid_pool', 'build_projector']
 
-# %% ../nbs/10_vision.ipynb #47d36f1e
-import math, os
+# %% ../nbs/10_vision.ipynb #4a719919
+import math
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,9 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transform import image_transform
 from open_clip.transformer import QuickGELU, VisionTransformer
 
-# %% ../nbs/10_vision.ipynb #4c76d4ff
+from .rwkv import check_state_dict, read_state_dict
+
+# %% ../nbs/10_vision.ipynb #7277a0fd
 @dataclass(frozen=True)
 class VisionConfig:
     "Shape of an open_clip ViT; the defaults are ViT-L-14-336 with QuickGELU, the tower of VisualRWKV-v060."
@@ -34,7 +36,7 @@ class VisionConfig:
     @property
     def n_tokens(self): return self.grid ** 2 + 1                    # patches + CLS
 
-# %% ../nbs/10_vision.ipynb #2088fe88
+# %% ../nbs/10_vision.ipynb #09959cb2
 def build_open_clip_vit(cfg: VisionConfig) -> VisionTransformer:
     "An open_clip VisionTransformer of shape `cfg`, without the unused contrastive projection."
     if cfg.image_size % cfg.patch_size or cfg.width % cfg.head_width:
@@ -45,7 +47,7 @@ def build_open_clip_vit(cfg: VisionConfig) -> VisionTransformer:
     vit.proj = None
     return vit
 
-# %% ../nbs/10_vision.ipynb #197fbc29
+# %% ../nbs/10_vision.ipynb #da674957
 class CLIPVisionTower(nn.Module):
     "Frozen open_clip ViT returning last-block features [B, N+1, W]: N patch tokens, then CLS (before ln_post)."
     def __init__(self, cfg: VisionConfig = VisionConfig()):
@@ -69,12 +71,12 @@ class CLIPVisionTower(nn.Module):
         x = self.visual.transformer(x)                                       # [B, 1+N, W]
         return torch.cat([x[:, 1:], x[:, :1]], dim=1)                        # [B, N+1, W]
 
-# %% ../nbs/10_vision.ipynb #61ab4067
+# %% ../nbs/10_vision.ipynb #b297edc3
 def clip_preprocess(image_size: int = 336):
     "CLIP's eval transform: RGB, shortest side to `image_size` (bicubic), centre crop, OpenAI mean/std."
     return image_transform(image_size, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
 
-# %% ../nbs/10_vision.ipynb #602f69ee
+# %% ../nbs/10_vision.ipynb #3afcd7f9
 _HF_GLOBAL = {"embeddings.class_embedding": "class_embedding", "embeddings.patch_embedding.weight": "conv1.weight",
               "embeddings.position_embedding.weight": "positional_embedding",
               "pre_layrnorm.weight": "ln_pre.weight", "pre_layrnorm.bias": "ln_pre.bias",
@@ -86,9 +88,9 @@ def _strip_prefix(sd, prefix):
     "`sd` with `prefix` removed from its keys when every key has it."
     return {k[len(prefix):]: v for k, v in sd.items()} if sd and all(k.startswith(prefix) for k in sd) else dict(sd)
 
-# %% ../nbs/10_vision.ipynb #5439c25d
-def hf_clip_vision_to_open_clip(sd: dict) -> dict:
-    "Convert a HF CLIPVisionModel state dict (keys optionally under `vision_model.`) to open_clip VisionTransformer keys."
+# %% ../nbs/10_vision.ipynb #2fe0c8ef
+def hf_clip_vision_to_open_clip(sd: dict, unknown_ok: bool = False) -> dict:
+    "HF CLIPVisionModel keys (optionally under `vision_model.`) -> open_clip keys; `unknown_ok` passes unknown keys through."
     sd = _strip_prefix(sd, "vision_model.")
     out, qkv, unknown = {}, {}, []
     for k, v in sd.items():
@@ -107,10 +109,10 @@ def hf_clip_vision_to_open_clip(sd: dict) -> dict:
         if set(parts) != {"q", "k", "v"}:
             raise ValueError(f"encoder.layers.{i}.self_attn: {param} of q/k/v incomplete, found only {sorted(parts)}")
         out[f"transformer.resblocks.{i}.attn.in_proj_{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    if unknown: raise ValueError(f"unknown keys for a HF CLIPVisionModel: {unknown}")
-    return out
+    if unknown and not unknown_ok: raise ValueError(f"unknown keys for a HF CLIPVisionModel: {unknown}")
+    return {**out, **{k: sd[k] for k in unknown}}
 
-# %% ../nbs/10_vision.ipynb #3eaa1002
+# %% ../nbs/10_vision.ipynb #3b65a650
 def open_clip_to_hf_clip_vision(sd: dict) -> dict:
     "Convert open_clip VisionTransformer keys to the HF CLIPVisionModel layout, under `vision_model.`."
     glob = {v: k for k, v in _HF_GLOBAL.items()}
@@ -130,24 +132,13 @@ def open_clip_to_hf_clip_vision(sd: dict) -> dict:
     if unknown: raise ValueError(f"open_clip keys with no HF CLIPVisionModel counterpart: {unknown}")
     return {f"vision_model.{k}": v for k, v in out.items()}
 
-# %% ../nbs/10_vision.ipynb #818002fa
-def check_state_dict(expected: dict, given: dict, what: str = "state dict"):
-    "Raise one ValueError naming the missing, unexpected and misshapen keys of `given` against `expected`."
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    misshapen = [f"{k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)}"
-                 for k in sorted(set(expected) & set(given)) if tuple(expected[k].shape) != tuple(given[k].shape)]
-    problems = [f"{name} {keys}" for name, keys in (("missing", missing), ("unexpected", unexpected),
-                                                     ("misshapen", misshapen)) if keys]
-    if problems: raise ValueError(f"{what}: " + "; ".join(problems))
-
+# %% ../nbs/10_vision.ipynb #2c2dd7a6
 def load_checked(module: nn.Module, sd: dict, what: str = "state dict"):
     "Load `sd` into `module` after `check_state_dict`, so every problem is reported at once."
-    check_state_dict(module.state_dict(), sd, what)
-    module.load_state_dict(sd)
+    module.load_state_dict(check_state_dict(module, sd, what))
     return module
 
-# %% ../nbs/10_vision.ipynb #b7abdf2c
+# %% ../nbs/10_vision.ipynb #e2e498d4
 def vision_config_from_state_dict(sd: dict, head_width: int = 64, quick_gelu: bool = True) -> VisionConfig:
     "The VisionConfig of an open_clip VisionTransformer state dict."
     for key in ("conv1.weight", "positional_embedding", "transformer.resblocks.0.mlp.c_fc.weight"):
@@ -159,30 +150,18 @@ def vision_config_from_state_dict(sd: dict, head_width: int = 64, quick_gelu: bo
     return VisionConfig(image_size=grid * patch, patch_size=patch, width=width, layers=layers,
                         head_width=head_width, mlp_ratio=mlp_ratio, quick_gelu=quick_gelu)
 
-# %% ../nbs/10_vision.ipynb #e8f864e3
-def read_state_dict(path) -> dict:
-    "Tensors of a `.pth`/`.pt`/`.bin` (torch.load, weights_only) or `.safetensors` file, unwrapped from `state_dict`."
-    path = os.fspath(path)
-    if not os.path.isfile(path): raise ValueError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path, device="cpu")
-    sd = torch.load(path, weights_only=True, map_location="cpu")
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict): sd = sd["state_dict"]
-    if not isinstance(sd, dict): raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    return _strip_prefix(sd, "module.")
-
-# %% ../nbs/10_vision.ipynb #2eb357c4
+# %% ../nbs/10_vision.ipynb #05d9c708
 def load_open_clip_vision(path, head_width: int = 64, quick_gelu: bool = True) -> CLIPVisionTower:
     "A CLIPVisionTower with the `visual.*` weights of a local open_clip checkpoint (the unused `visual.proj` dropped)."
     sd = read_state_dict(path)
+    if isinstance(sd.get("state_dict"), dict): sd = _strip_prefix(sd["state_dict"], "module.")
     visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.") and k != "visual.proj"}
     if not visual: raise ValueError(f"{path}: no 'visual.*' keys; is this an open_clip CLIP checkpoint?")
     tower = CLIPVisionTower(vision_config_from_state_dict(visual, head_width, quick_gelu))
     load_checked(tower.visual, visual, f"{path} (visual.*)")
     return tower
 
-# %% ../nbs/10_vision.ipynb #06e94d54
+# %% ../nbs/10_vision.ipynb #6f411b2c
 def n_pooled_tokens(grid_size: int, patch_grid: int) -> int:
     "Number of image tokens after grid pooling a patch_grid x patch_grid image (Table 9), CLS included."
     if grid_size == -1: return patch_grid ** 2 + 1
@@ -204,7 +183,7 @@ def grid_pool(features, grid_size: int):
     pooled = F.avg_pool2d(grid, kernel_size=P // grid_size)             # [B, W, g, g]
     return torch.cat([pooled.flatten(2).transpose(1, 2), cls], dim=1)   # [B, g*g+1, W]
 
-# %% ../nbs/10_vision.ipynb #e99282d5
+# %% ../nbs/10_vision.ipynb #230aef0d
 def build_projector(vision_width: int, n_embd: int) -> nn.Linear:
     "The projector of Fig. 2: Linear(vision_width, n_embd, bias=False), the official `proj`."
     return nn.Linear(vision_width, n_embd, bias=False)
