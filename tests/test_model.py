@@ -1,0 +1,154 @@
+"""VisualRWKV: a batch gives each sample exactly its own result; scans equal a simple per-sample float64 reference."""
+import pytest
+import torch
+
+from visualrwkv.model import VisualRWKV, build_batch, generate, next_token_loss, visual_forward_embeds
+from visualrwkv.prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from visualrwkv.rwkv import RWKV6Config, randomize_
+from visualrwkv.scans import patch_order, layer_order
+from visualrwkv.vision import VisionConfig
+
+VOCAB = 61
+VIS = VisionConfig(image_size=28, patch_size=7, width=24, layers=2, head_width=8)
+
+
+def make_model(scan="bidirectional", grid_size=-1, data_dependent=True, seed=0):
+    cfg = RWKV6Config(vocab_size=VOCAB, n_layer=4, n_embd=32, head_size=8, lora_mix=4, lora_decay=4,
+                      data_dependent=data_dependent)
+    model = VisualRWKV(cfg, VIS, grid_size=grid_size, scan=scan)
+    randomize_(model.rwkv, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for p in list(model.vit.parameters()) + [model.proj.weight]: p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.double()
+
+
+def make_samples(seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(0, VOCAB, (n,), generator=g).tolist()
+    samples = [ids(2) + [IMAGE_TOKEN_INDEX] + ids(7), ids(11), ids(8) + [IMAGE_TOKEN_INDEX] + ids(1),
+               [IMAGE_TOKEN_INDEX] + ids(3), ids(1)]
+    images = [torch.randn(3, 28, 28, generator=g, dtype=torch.float64) if IMAGE_TOKEN_INDEX in s else None for s in samples]
+    return samples, images
+
+
+def reference_logits(model, ids, image):
+    """One sample, float64, no padding and no gather: the image spliced in, and each layer reads the patch tokens in its
+    scan order by an explicit Python permutation."""
+    rw = model.rwkv
+    if IMAGE_TOKEN_INDEX in ids:
+        k = ids.index(IMAGE_TOKEN_INDEX)
+        x = torch.cat([rw.emb(torch.tensor(ids[:k], dtype=torch.long)), model.encode_images(image[None])[0], rw.emb(torch.tensor(ids[k + 1:], dtype=torch.long))])
+    else: k, x = None, rw.emb(torch.tensor(ids, dtype=torch.long))
+    G = model.patch_grid
+    for i, block in enumerate(rw.blocks):
+        order = list(range(len(x)))
+        if k is not None and G:
+            patches = patch_order(layer_order(model.scan, i), G).tolist()
+            order[k:k + G * G] = [k + p for p in patches]
+        y, _ = block(x[order][None])
+        x = torch.empty_like(x)
+        x[order] = y[0]
+    return rw.head(rw.ln_out(x))
+
+
+@pytest.mark.parametrize("scan", ["unidirectional", "bidirectional", "multidirectional"])
+@pytest.mark.parametrize("grid_size", [-1, 0, 1, 2])
+def test_batched_equals_reference(scan, grid_size):
+    model = make_model(scan, grid_size, seed=grid_size + 7)
+    samples, images = make_samples(seed=grid_size + 11)
+    with torch.no_grad():
+        out = model(samples, images)
+        for b, (ids, img) in enumerate(zip(samples, images)):
+            ref = reference_logits(model, ids, img)
+            n = int(out.mask[b].sum())
+            assert n == len(ref)
+            torch.testing.assert_close(out.logits[b, :n], ref, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("scan", ["unidirectional", "bidirectional", "multidirectional"])
+@pytest.mark.parametrize("data_dependent", [True, False])
+def test_batched_equals_alone_logits_and_state(scan, data_dependent):
+    model = make_model(scan, grid_size=2, data_dependent=data_dependent, seed=3)
+    samples, images = make_samples(seed=5)
+    with torch.no_grad():
+        out = model(samples, images)
+        for b, (ids, img) in enumerate(zip(samples, images)):
+            alone = model([ids], None if img is None else [img])
+            n = int(alone.mask.sum())
+            torch.testing.assert_close(out.logits[b, :n], alone.logits[0], atol=1e-10, rtol=0)
+            for layer_batch, layer_alone in zip(out.state, alone.state):
+                for t_batch, t_alone in zip(layer_batch, layer_alone):
+                    torch.testing.assert_close(t_batch[b], t_alone[0], atol=1e-10, rtol=0)
+
+
+def test_padding_content_never_matters():
+    model = make_model("multidirectional", grid_size=-1, seed=9)
+    samples, images = make_samples(seed=13)
+    with torch.no_grad():
+        batch = build_batch(model, samples, images)
+        garbage = batch.embeds.masked_fill(~batch.mask[..., None], 0) + 50 * torch.randn_like(batch.embeds) * ~batch.mask[..., None]
+        clean, s_clean = visual_forward_embeds(model, batch.embeds, batch.mask, batch.image_starts)
+        dirty, s_dirty = visual_forward_embeds(model, garbage, batch.mask, batch.image_starts)
+    torch.testing.assert_close(clean[batch.mask], dirty[batch.mask], atol=1e-10, rtol=0)
+    for a, b in zip(s_clean, s_dirty):
+        for x, y in zip(a, b): torch.testing.assert_close(x, y, atol=1e-10, rtol=0)
+
+
+def test_state_continues_the_sequence():
+    model = make_model("bidirectional", grid_size=2, seed=21)
+    samples, images = make_samples(seed=23)
+    tail = [[1, 2, 3], [4], [5, 6], [7, 8, 9], [10]]
+    with torch.no_grad():
+        first = model(samples, images)
+        second = model(tail, None, state=first.state)
+        for b in range(len(samples)):
+            full = model([samples[b] + tail[b]], None if images[b] is None else [images[b]])
+            torch.testing.assert_close(second.logits[b, :len(tail[b])], full.logits[0, -len(tail[b]):], atol=1e-10, rtol=0)
+
+
+def test_labels_expand_and_loss():
+    model = make_model(seed=1)
+    samples, images = make_samples(seed=2)
+    labels = [[IGNORE_INDEX if i == IMAGE_TOKEN_INDEX else i for i in ids] for ids in samples]
+    out = model(samples, images, labels)
+    for b, ids in enumerate(samples):
+        lab = out.labels[b][out.mask[b]]
+        assert (lab != IGNORE_INDEX).sum() == sum(i != IMAGE_TOKEN_INDEX for i in ids)
+        assert (out.labels[b][~out.mask[b]] == IGNORE_INDEX).all()
+    loss = next_token_loss(out.logits, out.labels)
+    pairs = [(out.logits[b, t], out.labels[b, t + 1]) for b in range(len(samples)) for t in range(out.logits.shape[1] - 1)
+             if out.labels[b, t + 1] != IGNORE_INDEX]
+    ref = torch.stack([-torch.log_softmax(lg, -1)[y] for lg, y in pairs]).mean()
+    torch.testing.assert_close(loss, ref.float(), rtol=1e-6, atol=1e-6)
+    loss.backward()
+    assert model.proj.weight.grad is not None and model.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.vit.parameters())
+
+
+def test_generate_batched_equals_alone():
+    model = make_model("multidirectional", grid_size=1, seed=31)
+    samples, images = make_samples(seed=37)
+    new = generate(model, samples, images, max_new_tokens=5, stop_token=-1)
+    for b in range(len(samples)):
+        alone = generate(model, [samples[b]], None if images[b] is None else [images[b]], max_new_tokens=5, stop_token=-1)
+        assert torch.equal(new[b], alone[0])
+
+
+@pytest.mark.parametrize("samples, images, match", [
+    ([[1, IMAGE_TOKEN_INDEX, 2, IMAGE_TOKEN_INDEX]], [torch.zeros(3, 28, 28)], "at most one image"),
+    ([[1, 2]], [torch.zeros(3, 28, 28)], "no -200 placeholder"),
+    ([[1, IMAGE_TOKEN_INDEX]], [None], "images\\[b\\] is None"),
+    ([[1], [2]], [None], "1 entries for 2 samples"),
+    ([[1, IMAGE_TOKEN_INDEX]], [torch.zeros(3, 20, 20)], "images: expected shape"),
+])
+def test_bad_batches_are_named(samples, images, match):
+    model = make_model()
+    with pytest.raises(ValueError, match=match): model(samples, [None if i is None else i.double() for i in images])
+
+
+def test_bad_model_choices_are_named():
+    cfg = RWKV6Config(vocab_size=VOCAB, n_layer=2, n_embd=32, head_size=8)
+    with pytest.raises(ValueError, match="scan must be"): VisualRWKV(cfg, VIS, scan="spiral")
+    with pytest.raises(ValueError, match="image_position"): VisualRWKV(cfg, VIS, image_position="top")
+    with pytest.raises(ValueError, match="does not divide"): VisualRWKV(cfg, VIS, grid_size=3)
