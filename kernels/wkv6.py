@@ -270,7 +270,7 @@ def _bwd_dkvw_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, do_ptr, dr_ptr, gend_ptr
 # ------------------------------------------------------------------------------------------------------------ wrapper
 def _interpreted():
     """True under TRITON_INTERPRET=1 (read by triton when the kernels were defined)."""
-    return isinstance(_fwd_kernel, triton.runtime.interpreter.InterpretedFunction)
+    return not isinstance(_fwd_kernel, triton.runtime.jit.JITFunction)
 
 
 def _dot_mode(dtype):
@@ -292,6 +292,11 @@ def _segment_chunks(B, H, T, device):
         return n_chunks
     want = triton.cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count, B * H)
     return max(triton.cdiv(n_chunks, want), 8)
+
+
+def _fwd_warps(K):
+    """Warps of the forward kernel: its [BT, K] x [K, V] state product wants more threads from K = 64 on."""
+    return 4 if K <= 32 else 8
 
 
 def _key_block(K):
@@ -349,7 +354,7 @@ class WKV6Triton(torch.autograd.Function):
             _scan_kernel[(B * H,)](s0, local, decay, starts, sT, NS, K=K, V=K, REVERSE=False, INT64=int64)
         o = torch.empty_like(v)
         _fwd_kernel[(B * H * NS,)](r, k, v, logw, u32, starts, o, sT, T, NS, seg_len, BK=_key_block(K),
-                                   WRITE_FINAL=NS == 1, **meta, num_warps=4 if K <= 32 else 8)
+                                   WRITE_FINAL=NS == 1, **meta, num_warps=_fwd_warps(K))
         ctx.save_for_backward(r, k, v, logw, u32, starts, sT, decay)
         ctx.seg, ctx.meta, ctx.has_state = (NS, seg_len), meta, state is not None
         ctx.dtypes = (u.dtype, None if state is None else state.dtype)
