@@ -12,6 +12,8 @@ its chunks with the state S (or its gradient G) in registers. Inside a chunk eve
 exp(sum_{j<m<i} logw[m]) from fp32 cumulative sums, elementwise and masked to -inf before `exp`: no exponent is ever
 positive. Across segments the state is carried by a short scan over per-segment summaries. See kernels/README.md.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -304,6 +306,11 @@ def _key_block(K):
     return min(K, 32)
 
 
+def _on_device(device):
+    """Launch on the tensors' GPU, not the current one (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _check_inputs(r, k, v, logw, u, state):
     if r.dim() != 4:
         raise ValueError(f"wkv6_triton: r must be [B, T, H, K], got shape {tuple(r.shape)}")
@@ -362,6 +369,11 @@ class WKV6Triton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dsT):
+        with _on_device(do.device):
+            return WKV6Triton._backward(ctx, do, dsT)
+
+    @staticmethod
+    def _backward(ctx, do, dsT):
         r, k, v, logw, u32, starts, sT, decay = ctx.saved_tensors
         (NS, seg_len), meta = ctx.seg, ctx.meta
         B, T, H, K = r.shape
@@ -399,4 +411,5 @@ def wkv6_triton(r, k, v, logw, u, state=None):
     Returns (o [B, T, H, V] in the input dtype, final state [B, H, K, V] float32); differentiable in every input.
     """
     _check_inputs(r, k, v, logw, u, state)
-    return WKV6Triton.apply(r, k, v, logw, u, state)
+    with _on_device(r.device):
+        return WKV6Triton.apply(r, k, v, logw, u, state)
