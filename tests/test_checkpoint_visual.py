@@ -105,3 +105,18 @@ def test_not_a_visualrwkv_checkpoint():
     with pytest.raises(ValueError, match="no 'proj.weight"): load_visualrwkv({k: v for k, v in sd.items() if k != "proj.weight"})
     with pytest.raises(ValueError, match="no 'vit.vision_model"):
         load_visualrwkv({k: v for k, v in sd.items() if not k.startswith("vit.")})
+
+
+def test_hybrid_round_trip(tmp_path):
+    sd, _ = official_checkpoint(6)
+    g = torch.Generator().manual_seed(0)
+    sd.update({"tiny_att.ln.weight": torch.rand(N_EMBD, generator=g), "tiny_att.ln.bias": torch.rand(N_EMBD, generator=g),
+               "tiny_att.q.weight": torch.randn(8, N_EMBD, generator=g), "tiny_att.k.weight": torch.randn(8, N_EMBD, generator=g),
+               "tiny_att.v.weight": torch.randn(N_EMBD, N_EMBD, generator=g)})
+    model = load_visualrwkv(sd, vision_head_width=8)
+    assert model.tiny_att.dim == 8
+    torch.testing.assert_close(model.tiny_att.k.weight, sd["tiny_att.k.weight"], rtol=0, atol=0)
+    save_visualrwkv(model, tmp_path / "hybrid.safetensors")
+    again = visualrwkv_state_dict(load_visualrwkv(tmp_path / "hybrid.safetensors", vision_head_width=8))
+    assert sorted(again) == sorted(k for k in sd if not k.endswith("position_ids"))
+    for k, v in again.items(): torch.testing.assert_close(v, sd[k], rtol=0, atol=0)

@@ -152,3 +152,60 @@ def test_bad_model_choices_are_named():
     with pytest.raises(ValueError, match="scan must be"): VisualRWKV(cfg, VIS, scan="spiral")
     with pytest.raises(ValueError, match="image_position"): VisualRWKV(cfg, VIS, image_position="top")
     with pytest.raises(ValueError, match="does not divide"): VisualRWKV(cfg, VIS, grid_size=3)
+
+
+def make_hybrid(seed=0, scan="bidirectional"):
+    base = make_model(scan, grid_size=2, seed=seed)
+    model = VisualRWKV(base.rwkv.cfg, VIS, grid_size=2, scan=scan, tiny_att_dim=6).double()
+    state = base.state_dict()
+    g = torch.Generator().manual_seed(seed + 1)
+    state.update({f"tiny_att.{k}": torch.randn(v.shape, generator=g, dtype=v.dtype) * 0.1
+                  for k, v in model.tiny_att.state_dict().items()})
+    model.load_state_dict(state)
+    return model
+
+
+def tiny_attention_reference(att, x, x_emb):
+    "Appendix I as a float64 double loop over one sequence [T, C]."
+    h = att.ln(x)
+    q, k, v = att.q(h), att.k(h), att.v(x_emb)
+    out = x.clone()
+    for t in range(len(x)):
+        for s in range(t + 1): out[t] += (q[t] @ k[s]) / att.dim ** 0.5 * v[s]
+    return out
+
+
+def test_hybrid_batched_equals_reference_and_alone():
+    model = make_hybrid(seed=41, scan="multidirectional")
+    samples, images = make_samples(seed=43)
+    with torch.no_grad():
+        out = model(samples, images)
+        batch = build_batch(model, samples, images)
+        for b, (ids, img) in enumerate(zip(samples, images)):
+            n = int(out.mask[b].sum())
+            # reference: the plain model's hidden state, then the tiny attention loop, then the head
+            plain = VisualRWKV(model.rwkv.cfg, VIS, grid_size=2, scan="multidirectional").double()
+            plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("tiny_att.")})
+            hidden = []
+            plain.rwkv.ln_out.register_forward_hook(lambda mod, inp, o: hidden.append(inp[0]))
+            plain([ids], None if img is None else [img])
+            x_emb = batch.embeds[b, :n]
+            y = tiny_attention_reference(model.tiny_att, hidden[0][0], x_emb)
+            ref = model.rwkv.head(model.rwkv.ln_out(y))
+            torch.testing.assert_close(out.logits[b, :n], ref, atol=1e-10, rtol=0)
+            alone = model([ids], None if img is None else [img])
+            cache_b, cache_alone = out.state[-1], alone.state[-1]
+            real = cache_b.mask[b]
+            torch.testing.assert_close(cache_b.k[b][real], cache_alone.k[0], atol=1e-10, rtol=0)
+            torch.testing.assert_close(cache_b.v[b][real], cache_alone.v[0], atol=1e-10, rtol=0)
+
+
+def test_hybrid_state_continues_the_sequence():
+    model = make_hybrid(seed=47)
+    samples, images = make_samples(seed=53)
+    tail = [[1, 2, 3], [4], [5, 6], [7, 8, 9], [10]]
+    with torch.no_grad():
+        second = model(tail, None, state=model(samples, images).state)
+        for b in range(len(samples)):
+            full = model([samples[b] + tail[b]], None if images[b] is None else [images[b]])
+            torch.testing.assert_close(second.logits[b, :len(tail[b])], full.logits[0, -len(tail[b]):], atol=1e-10, rtol=0)

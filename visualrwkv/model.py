@@ -2,9 +2,9 @@
 
 # %% auto #0
 __all__ = ['VisualRWKV', 'VisualBatch', 'build_batch', 'visual_forward_embeds', 'VisualOutput', 'next_token_loss', 'generate',
-           'visualrwkv_state_dict', 'save_visualrwkv', 'load_visualrwkv']
+           'visualrwkv_state_dict', 'save_visualrwkv', 'load_visualrwkv', 'TinyAttentionCache', 'TinyAttention']
 
-# %% ../nbs/13_visualrwkv.ipynb #7b5e9dfd
+# %% ../nbs/13_visualrwkv.ipynb #855c467d
 from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
@@ -15,13 +15,13 @@ from .rwkv import (RWKV6, RWKV6Config, check_state_dict, config_from_state_dict,
 from .vision import (CLIPVisionTower, VisionConfig, build_projector, grid_pool, hf_clip_vision_to_open_clip,
                                n_pooled_tokens, open_clip_to_hf_clip_vision, vision_config_from_state_dict)
 from .scans import SCAN_MODES, apply_scan, batch_scan_permutation, layer_order, undo_scan
-from .prompts import IGNORE_INDEX, IMAGE_POSITIONS, IMAGE_TOKEN_INDEX
+from .prompts import IGNORE_INDEX, IMAGE_POSITIONS, IMAGE_TOKEN_INDEX, tokenize_conversation
 
-# %% ../nbs/13_visualrwkv.ipynb #b3ec1c3f
+# %% ../nbs/13_visualrwkv.ipynb #c1dd9e95
 class VisualRWKV(nn.Module):
     "Vision tower + grid pooling + projector + RWKV-6 (Fig. 2), with a per-layer image scan (Fig. 4)."
     def __init__(self, lm: RWKV6Config, vision: VisionConfig = VisionConfig(), grid_size: int = -1,
-                 scan: str = "bidirectional", image_position: str = "middle"):
+                 scan: str = "bidirectional", image_position: str = "middle", tiny_att_dim: int = 0):
         super().__init__()
         if scan not in SCAN_MODES: raise ValueError(f"scan must be one of {SCAN_MODES}, got {scan!r}")
         if image_position not in IMAGE_POSITIONS:
@@ -34,11 +34,16 @@ class VisualRWKV(nn.Module):
         self.rwkv = RWKV6(lm)
         self.vit = CLIPVisionTower(vision)
         self.proj = build_projector(vision.width, lm.n_embd)
+        self.tiny_att = TinyAttention(lm.n_embd, tiny_att_dim) if tiny_att_dim > 0 else None   # Appendix I, below
 
     def encode_images(self, images):
         "images [B, 3, S, S] -> image tokens [B, N, C]: tower, grid pooling, projector (CLS last)."
         feats = grid_pool(self.vit(images), self.grid_size)                    # [B, N, W]
         return self.proj(feats.to(self.proj.weight.dtype))                     # [B, N, C]
+
+    def tokenize(self, conversations, tokenizer=None):
+        "(input_ids, labels) of a LLaVA conversation, with the image placed as this model was trained (Fig. 2)."
+        return tokenize_conversation(conversations, self.image_position, tokenizer)
 
     def forward(self, input_ids, images=None, labels=None, state=None):
         "Token ids per sample (-200 = image), images[b] [3, S, S] or None -> VisualOutput; samples never affect each other."
@@ -46,7 +51,7 @@ class VisualRWKV(nn.Module):
         logits, new_state = visual_forward_embeds(self, batch.embeds, batch.mask, batch.image_starts, state)
         return VisualOutput(logits, batch.mask, batch.labels, new_state)
 
-# %% ../nbs/13_visualrwkv.ipynb #0d30f4bf
+# %% ../nbs/13_visualrwkv.ipynb #2b0e85da
 class VisualBatch(NamedTuple):
     "A right-padded batch: embeds [B, T, C], mask [B, T] (True = real), first patch position per sample, labels [B, T]."
     embeds: torch.Tensor
@@ -60,7 +65,7 @@ def _image_index(ids, b):
     if n > 1: raise ValueError(f"input_ids[{b}]: {n} image placeholders (-200), at most one image per sample")
     return ids.index(IMAGE_TOKEN_INDEX) if n else None
 
-# %% ../nbs/13_visualrwkv.ipynb #c7edd256
+# %% ../nbs/13_visualrwkv.ipynb #ed425b3b
 def _as_lists(input_ids):
     "Token ids of every sample as a list of ints."
     return [ids.tolist() if torch.is_tensor(ids) else list(ids) for ids in input_ids]
@@ -99,10 +104,11 @@ def build_batch(model: VisualRWKV, input_ids, images=None, labels=None) -> Visua
             out_labels[b, :lengths[b]] = lab
     return VisualBatch(embeds, mask, where, out_labels)
 
-# %% ../nbs/13_visualrwkv.ipynb #e0270a63
+# %% ../nbs/13_visualrwkv.ipynb #39c12aad
 def visual_forward_embeds(model: VisualRWKV, x, mask=None, image_starts=None, state=None):
-    "Embeddings x [B, T, C] through the scanned RWKV layers -> (logits [B, T, vocab], list of LayerState)."
+    "Embeddings x [B, T, C] through the scanned RWKV layers (and the hybrid's tiny attention) -> (logits, state list)."
     B, T, _ = x.shape
+    x_emb = x
     image_starts = [None] * B if image_starts is None else image_starts
     new_state = []
     for i, block in enumerate(model.rwkv.blocks):
@@ -113,9 +119,12 @@ def visual_forward_embeds(model: VisualRWKV, x, mask=None, image_starts=None, st
         x, s = block(x, None if state is None else state[i], mask)
         if scanned: x = undo_scan(x, perm)
         new_state.append(s)
+    if model.tiny_att is not None:
+        x, cache = model.tiny_att(x, x_emb, mask, None if state is None else state[-1])
+        new_state.append(cache)
     return model.rwkv.head(model.rwkv.ln_out(x)), new_state
 
-# %% ../nbs/13_visualrwkv.ipynb #07364c12
+# %% ../nbs/13_visualrwkv.ipynb #3a881398
 class VisualOutput(NamedTuple):
     "logits [B, T, vocab], mask [B, T], labels [B, T] (or None), per-layer final state."
     logits: torch.Tensor
@@ -127,7 +136,7 @@ def next_token_loss(logits, labels):
     "Mean cross-entropy of predicting labels[t+1] from logits[t], over the positions not IGNORE_INDEX."
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
-# %% ../nbs/13_visualrwkv.ipynb #1d43793c
+# %% ../nbs/13_visualrwkv.ipynb #dc6cc70c
 @torch.no_grad()
 def generate(model: VisualRWKV, input_ids, images=None, max_new_tokens=16, temperature=0.0, top_p=1.0,
              stop_token=261, generator=None):
@@ -142,22 +151,24 @@ def generate(model: VisualRWKV, input_ids, images=None, max_new_tokens=16, tempe
         new.append(next_id)
         done |= (next_id == stop_token).cpu()
         if done.all(): break
-        logits, state = model.rwkv.step(next_id, state)
+        logits, state = visual_forward_embeds(model, model.rwkv.emb(next_id[:, None]), state=state)
+        logits = logits[:, 0]
     return torch.stack(new, dim=1)
 
-# %% ../nbs/13_visualrwkv.ipynb #e271ab61
+# %% ../nbs/13_visualrwkv.ipynb #760fcfe5
 def visualrwkv_state_dict(model: VisualRWKV) -> dict:
     "The model's tensors in the official VisualRWKV-v060 layout: rwkv.*, vit.vision_model.* (HF), proj.weight."
     sd = {f"rwkv.{k}": v for k, v in model.rwkv.state_dict().items()}
     sd.update({f"vit.{k}": v for k, v in open_clip_to_hf_clip_vision(model.vit.visual.state_dict()).items()})
     sd["proj.weight"] = model.proj.weight
+    if model.tiny_att is not None: sd.update({f"tiny_att.{k}": v for k, v in model.tiny_att.state_dict().items()})
     return sd
 
 def save_visualrwkv(model: VisualRWKV, path):
     "Write the official layout atomically (`.pth`, or `.safetensors`)."
     write_state_dict(visualrwkv_state_dict(model), path)
 
-# %% ../nbs/13_visualrwkv.ipynb #9e48d57b
+# %% ../nbs/13_visualrwkv.ipynb #375d42ba
 def _check_layout(expected: dict, given: dict, what: str):
     "One ValueError naming every missing, unexpected and misshapen tensor (size-1 dims aside), in the file's own names."
     dims = lambda t: [d for d in t.shape if d != 1]
@@ -178,11 +189,45 @@ def load_visualrwkv(path_or_state_dict, grid_size: int = -1, scan: str = "bidire
                                          unknown_ok=True)
     lm_cfg = config_from_state_dict(lm_sd, **lm_overrides)
     vis_cfg = vision_config_from_state_dict(vit_sd, vision_head_width, quick_gelu)
-    with torch.device("meta"): model = VisualRWKV(lm_cfg, vis_cfg, grid_size, scan, image_position)
+    tiny_att_dim = sd["tiny_att.q.weight"].shape[0] if "tiny_att.q.weight" in sd else 0
+    with torch.device("meta"): model = VisualRWKV(lm_cfg, vis_cfg, grid_size, scan, image_position, tiny_att_dim)
     given = {k: v for k, v in sd.items() if k != "vit.vision_model.embeddings.position_ids"}
     _check_layout(visualrwkv_state_dict(model), given, "VisualRWKV checkpoint")
     model.rwkv.load_state_dict(check_state_dict(model.rwkv, lm_sd), assign=True)
     model.vit.visual.load_state_dict(check_state_dict(model.vit.visual, vit_sd), assign=True)
     model.proj.load_state_dict({"weight": sd["proj.weight"]}, assign=True)
+    if model.tiny_att is not None:
+        model.tiny_att.load_state_dict({k[len("tiny_att."):]: v for k, v in sd.items() if k.startswith("tiny_att.")}, assign=True)
     model.vit.requires_grad_(False)
     return model.to(dtype) if dtype is not None else model
+
+# %% ../nbs/13_visualrwkv.ipynb #db5ef246
+class TinyAttentionCache(NamedTuple):
+    "Past keys [B, S, d], values W_v e [B, S, C] and their mask [B, S] (True = real token)."
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor
+
+class TinyAttention(nn.Module):
+    "Appendix I: causal attention on top of the RWKV blocks, q/k of size `dim`, values from the input embeddings, no FFN."
+    def __init__(self, n_embd: int, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.ln = nn.LayerNorm(n_embd)
+        self.q = nn.Linear(n_embd, dim, bias=False)
+        self.k = nn.Linear(n_embd, dim, bias=False)
+        self.v = nn.Linear(n_embd, n_embd, bias=False)
+
+    def forward(self, x, x_emb, mask=None, cache: Optional[TinyAttentionCache] = None):
+        "x, x_emb [B, T, C] -> (x + attention [B, T, C], cache of all keys and values so far)."
+        B, T, _ = x.shape
+        h = self.ln(x)
+        q, k, v = self.q(h), self.k(h), self.v(x_emb)                           # [B, T, d], [B, T, d], [B, T, C]
+        mask = torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask
+        if cache is not None:
+            k, v, mask = torch.cat([cache.k, k], 1), torch.cat([cache.v, v], 1), torch.cat([cache.mask, mask], 1)
+        S = k.shape[1]                                                            # cached + new positions
+        causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # new token t sees positions <= S-T+t
+        scores = (q @ k.transpose(1, 2)) * self.dim ** -0.5                       # [B, T, S]
+        scores = scores.masked_fill(~(causal & mask[:, None, :]), 0)
+        return x + scores @ v, TinyAttentionCache(k, v, mask)
