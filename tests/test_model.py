@@ -209,3 +209,20 @@ def test_hybrid_state_continues_the_sequence():
         for b in range(len(samples)):
             full = model([samples[b] + tail[b]], None if images[b] is None else [images[b]])
             torch.testing.assert_close(second.logits[b, :len(tail[b])], full.logits[0, -len(tail[b]):], atol=1e-10, rtol=0)
+
+
+def test_text_only_zero_image_batched_equals_alone_and_reference():
+    model = make_model("bidirectional", grid_size=2, seed=61)
+    model.text_only_zero_image = True
+    samples, images = make_samples(seed=67)
+    N = model.n_image_tokens
+    with torch.no_grad():
+        out = model(samples, images)
+        for b, (ids, img) in enumerate(zip(samples, images)):
+            alone = model([ids], None if img is None else [img])
+            n = int(alone.mask.sum())
+            torch.testing.assert_close(out.logits[b, :n], alone.logits[0], atol=1e-10, rtol=0)
+            if img is None:
+                assert n == len(ids) + N
+                x = torch.cat([torch.zeros(N, 32, dtype=torch.float64), model.rwkv.emb(torch.tensor(ids))])[None]
+                torch.testing.assert_close(alone.logits, model.rwkv.forward_embeds(x)[0], atol=1e-10, rtol=0)

@@ -4,7 +4,7 @@
 __all__ = ['VisualRWKV', 'VisualBatch', 'build_batch', 'visual_forward_embeds', 'VisualOutput', 'next_token_loss', 'generate',
            'visualrwkv_state_dict', 'save_visualrwkv', 'load_visualrwkv', 'TinyAttentionCache', 'TinyAttention']
 
-# %% ../nbs/13_visualrwkv.ipynb #855c467d
+# %% ../nbs/13_visualrwkv.ipynb #f10ae2e5
 from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
@@ -17,11 +17,12 @@ from .vision import (CLIPVisionTower, VisionConfig, build_projector, grid_pool, 
 from .scans import SCAN_MODES, apply_scan, batch_scan_permutation, layer_order, undo_scan
 from .prompts import IGNORE_INDEX, IMAGE_POSITIONS, IMAGE_TOKEN_INDEX, tokenize_conversation
 
-# %% ../nbs/13_visualrwkv.ipynb #c1dd9e95
+# %% ../nbs/13_visualrwkv.ipynb #636c67c7
 class VisualRWKV(nn.Module):
     "Vision tower + grid pooling + projector + RWKV-6 (Fig. 2), with a per-layer image scan (Fig. 4)."
     def __init__(self, lm: RWKV6Config, vision: VisionConfig = VisionConfig(), grid_size: int = -1,
-                 scan: str = "bidirectional", image_position: str = "middle", tiny_att_dim: int = 0):
+                 scan: str = "bidirectional", image_position: str = "middle", tiny_att_dim: int = 0,
+                 text_only_zero_image: bool = False):
         super().__init__()
         if scan not in SCAN_MODES: raise ValueError(f"scan must be one of {SCAN_MODES}, got {scan!r}")
         if image_position not in IMAGE_POSITIONS:
@@ -30,6 +31,7 @@ class VisualRWKV(nn.Module):
         if grid_size > 1 and vision.grid % grid_size:
             raise ValueError(f"grid_size {grid_size} does not divide the patch grid {vision.grid}")
         self.grid_size, self.scan, self.image_position = grid_size, scan, image_position
+        self.text_only_zero_image = text_only_zero_image        # official v6.0 training: zeros before text-only samples
         self.patch_grid = {-1: vision.grid, 0: 0}.get(grid_size, grid_size)
         self.rwkv = RWKV6(lm)
         self.vit = CLIPVisionTower(vision)
@@ -51,7 +53,7 @@ class VisualRWKV(nn.Module):
         logits, new_state = visual_forward_embeds(self, batch.embeds, batch.mask, batch.image_starts, state)
         return VisualOutput(logits, batch.mask, batch.labels, new_state)
 
-# %% ../nbs/13_visualrwkv.ipynb #2b0e85da
+# %% ../nbs/13_visualrwkv.ipynb #f2071429
 class VisualBatch(NamedTuple):
     "A right-padded batch: embeds [B, T, C], mask [B, T] (True = real), first patch position per sample, labels [B, T]."
     embeds: torch.Tensor
@@ -65,7 +67,7 @@ def _image_index(ids, b):
     if n > 1: raise ValueError(f"input_ids[{b}]: {n} image placeholders (-200), at most one image per sample")
     return ids.index(IMAGE_TOKEN_INDEX) if n else None
 
-# %% ../nbs/13_visualrwkv.ipynb #ed425b3b
+# %% ../nbs/13_visualrwkv.ipynb #2b224b06
 def _as_lists(input_ids):
     "Token ids of every sample as a list of ints."
     return [ids.tolist() if torch.is_tensor(ids) else list(ids) for ids in input_ids]
@@ -85,7 +87,8 @@ def build_batch(model: VisualRWKV, input_ids, images=None, labels=None) -> Visua
     with_image = [b for b, k in enumerate(where) if k is not None]
     tokens = model.encode_images(torch.stack([images[b] for b in with_image])) if with_image else None
     N, C = model.n_image_tokens, model.rwkv.cfg.n_embd
-    lengths = [len(ids) + (N - 1 if k is not None else 0) for ids, k in zip(input_ids, where)]
+    n_zero = N if model.text_only_zero_image else 0                            # zero "image" before text-only samples
+    lengths = [len(ids) + (N - 1 if k is not None else n_zero) for ids, k in zip(input_ids, where)]
     T = max(lengths)
     emb_w = model.rwkv.emb.weight
     embeds = emb_w.new_zeros(B, T, C)                                          # [B, T, C]
@@ -93,7 +96,7 @@ def build_batch(model: VisualRWKV, input_ids, images=None, labels=None) -> Visua
     out_labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long, device=emb_w.device) if labels is not None else None
     for b, (ids, k) in enumerate(zip(input_ids, where)):
         ids_t = torch.tensor(ids, dtype=torch.long, device=emb_w.device)
-        if k is None: pieces = [model.rwkv.emb(ids_t)]
+        if k is None: pieces = [embeds.new_zeros(n_zero, C), model.rwkv.emb(ids_t)]
         else: pieces = [model.rwkv.emb(ids_t[:k]), tokens[with_image.index(b)].to(emb_w.dtype), model.rwkv.emb(ids_t[k + 1:])]
         embeds[b, :lengths[b]] = torch.cat(pieces)
         mask[b, :lengths[b]] = True
@@ -101,10 +104,11 @@ def build_batch(model: VisualRWKV, input_ids, images=None, labels=None) -> Visua
             lab = torch.as_tensor(labels[b], dtype=torch.long, device=emb_w.device)
             if len(lab) != len(ids): raise ValueError(f"labels[{b}]: length {len(lab)}, input_ids[{b}] has {len(ids)}")
             if k is not None: lab = torch.cat([lab[:k], lab.new_full((N,), IGNORE_INDEX), lab[k + 1:]])
+            else: lab = torch.cat([lab.new_full((n_zero,), IGNORE_INDEX), lab])
             out_labels[b, :lengths[b]] = lab
     return VisualBatch(embeds, mask, where, out_labels)
 
-# %% ../nbs/13_visualrwkv.ipynb #39c12aad
+# %% ../nbs/13_visualrwkv.ipynb #48c05b2b
 def visual_forward_embeds(model: VisualRWKV, x, mask=None, image_starts=None, state=None):
     "Embeddings x [B, T, C] through the scanned RWKV layers (and the hybrid's tiny attention) -> (logits, state list)."
     B, T, _ = x.shape
@@ -124,7 +128,7 @@ def visual_forward_embeds(model: VisualRWKV, x, mask=None, image_starts=None, st
         new_state.append(cache)
     return model.rwkv.head(model.rwkv.ln_out(x)), new_state
 
-# %% ../nbs/13_visualrwkv.ipynb #3a881398
+# %% ../nbs/13_visualrwkv.ipynb #6965cbc6
 class VisualOutput(NamedTuple):
     "logits [B, T, vocab], mask [B, T], labels [B, T] (or None), per-layer final state."
     logits: torch.Tensor
@@ -136,7 +140,7 @@ def next_token_loss(logits, labels):
     "Mean cross-entropy of predicting labels[t+1] from logits[t], over the positions not IGNORE_INDEX."
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
-# %% ../nbs/13_visualrwkv.ipynb #dc6cc70c
+# %% ../nbs/13_visualrwkv.ipynb #23db0ea4
 @torch.no_grad()
 def generate(model: VisualRWKV, input_ids, images=None, max_new_tokens=16, temperature=0.0, top_p=1.0,
              stop_token=261, generator=None):
@@ -155,7 +159,7 @@ def generate(model: VisualRWKV, input_ids, images=None, max_new_tokens=16, tempe
         logits = logits[:, 0]
     return torch.stack(new, dim=1)
 
-# %% ../nbs/13_visualrwkv.ipynb #760fcfe5
+# %% ../nbs/13_visualrwkv.ipynb #bddcfe25
 def visualrwkv_state_dict(model: VisualRWKV) -> dict:
     "The model's tensors in the official VisualRWKV-v060 layout: rwkv.*, vit.vision_model.* (HF), proj.weight."
     sd = {f"rwkv.{k}": v for k, v in model.rwkv.state_dict().items()}
@@ -168,7 +172,7 @@ def save_visualrwkv(model: VisualRWKV, path):
     "Write the official layout atomically (`.pth`, or `.safetensors`)."
     write_state_dict(visualrwkv_state_dict(model), path)
 
-# %% ../nbs/13_visualrwkv.ipynb #375d42ba
+# %% ../nbs/13_visualrwkv.ipynb #6911d844
 def _check_layout(expected: dict, given: dict, what: str):
     "One ValueError naming every missing, unexpected and misshapen tensor (size-1 dims aside), in the file's own names."
     dims = lambda t: [d for d in t.shape if d != 1]
@@ -179,7 +183,8 @@ def _check_layout(expected: dict, given: dict, what: str):
     if problems: raise ValueError(f"{what} does not fit the model:\n  " + "\n  ".join(problems))
 
 def load_visualrwkv(path_or_state_dict, grid_size: int = -1, scan: str = "bidirectional", image_position: str = "middle",
-                    vision_head_width: int = 64, quick_gelu: bool = True, dtype=None, **lm_overrides) -> VisualRWKV:
+                    vision_head_width: int = 64, quick_gelu: bool = True, text_only_zero_image: bool = False, dtype=None,
+                    **lm_overrides) -> VisualRWKV:
     "A VisualRWKV with the weights of an official VisualRWKV-v060 checkpoint (path or state dict)."
     sd = path_or_state_dict if isinstance(path_or_state_dict, dict) else read_state_dict(path_or_state_dict)
     for part in ("rwkv.", "vit.vision_model.", "proj.weight"):
@@ -190,7 +195,8 @@ def load_visualrwkv(path_or_state_dict, grid_size: int = -1, scan: str = "bidire
     lm_cfg = config_from_state_dict(lm_sd, **lm_overrides)
     vis_cfg = vision_config_from_state_dict(vit_sd, vision_head_width, quick_gelu)
     tiny_att_dim = sd["tiny_att.q.weight"].shape[0] if "tiny_att.q.weight" in sd else 0
-    with torch.device("meta"): model = VisualRWKV(lm_cfg, vis_cfg, grid_size, scan, image_position, tiny_att_dim)
+    with torch.device("meta"):
+        model = VisualRWKV(lm_cfg, vis_cfg, grid_size, scan, image_position, tiny_att_dim, text_only_zero_image)
     given = {k: v for k, v in sd.items() if k != "vit.vision_model.embeddings.position_ids"}
     _check_layout(visualrwkv_state_dict(model), given, "VisualRWKV checkpoint")
     model.rwkv.load_state_dict(check_state_dict(model.rwkv, lm_sd), assign=True)
@@ -201,7 +207,7 @@ def load_visualrwkv(path_or_state_dict, grid_size: int = -1, scan: str = "bidire
     model.vit.requires_grad_(False)
     return model.to(dtype) if dtype is not None else model
 
-# %% ../nbs/13_visualrwkv.ipynb #db5ef246
+# %% ../nbs/13_visualrwkv.ipynb #32867d18
 class TinyAttentionCache(NamedTuple):
     "Past keys [B, S, d], values W_v e [B, S, C] and their mask [B, S] (True = real token)."
     k: torch.Tensor
