@@ -105,3 +105,20 @@ def test_grid_pool_bad_sizes():
 def test_vit_l_14_336_shape():
     cfg = VisionConfig()
     assert (cfg.grid, cfg.heads, cfg.n_tokens) == (24, 16, 577)
+
+
+@pytest.mark.parametrize("size", [(500, 400), (401, 640), (336, 336), (1000, 337)])
+def test_preprocess_matches_hf_clip_image_processor(size):
+    import numpy as np
+    from PIL import Image
+    from open_clip.constants import OPENAI_DATASET_STD
+    from transformers import CLIPImageProcessor
+    from visualrwkv.vision import clip_preprocess
+    proc = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    w, h = size
+    img = Image.fromarray(np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    ours = clip_preprocess()(img)
+    theirs = torch.tensor(proc(images=img, return_tensors="np")["pixel_values"][0])
+    diff = (ours - theirs).abs()
+    assert ours.shape == (3, 336, 336)
+    assert diff.max() <= 1 / 255 / min(OPENAI_DATASET_STD) + 1e-6 and diff.mean() < 1e-3
