@@ -4,10 +4,10 @@
 __all__ = ['SCAN_MODES', 'ORDERS', 'patch_order', 'layer_order', 'scan_permutation', 'batch_scan_permutation', 'apply_scan',
            'undo_scan']
 
-# %% ../nbs/11_scans.ipynb #cdcc054b
+# %% ../nbs/11_scans.ipynb #0d558370
 import torch
 
-# %% ../nbs/11_scans.ipynb #54237d1f
+# %% ../nbs/11_scans.ipynb #684da40c
 SCAN_MODES = ("unidirectional", "bidirectional", "multidirectional")
 ORDERS = ("row_forward", "row_reverse", "column_forward", "column_reverse")
 
@@ -18,7 +18,7 @@ def patch_order(order: str, grid: int) -> torch.Tensor:
     seq = (idx if order.startswith("row") else idx.T).flatten()             # columns: read the transposed grid
     return seq.flip(0) if order.endswith("reverse") else seq
 
-# %% ../nbs/11_scans.ipynb #0fb03ad3
+# %% ../nbs/11_scans.ipynb #bec768c2
 def layer_order(scan: str, layer: int) -> str:
     "Reading order of layer `layer` (from 0) under `scan`: uni always forward, bi reverses odd layers, multi cycles 4."
     if scan == "unidirectional": return "row_forward"
@@ -26,7 +26,7 @@ def layer_order(scan: str, layer: int) -> str:
     if scan == "multidirectional": return ORDERS[layer % 4]
     raise ValueError(f"scan must be one of {SCAN_MODES}, got {scan!r}")
 
-# %% ../nbs/11_scans.ipynb #ca19bab3
+# %% ../nbs/11_scans.ipynb #bbf28866
 def scan_permutation(scan: str, layer: int, length: int, image_start, grid: int) -> torch.Tensor:
     "Positions [T] read by layer `layer`: identity except the G*G patch tokens starting at `image_start` (None: none)."
     perm = torch.arange(length)
@@ -40,7 +40,7 @@ def batch_scan_permutation(scan: str, layer: int, length: int, image_starts, gri
     "Per-sample permutations [B, T]; `image_starts` holds each sample's first patch position, or None for text-only."
     return torch.stack([scan_permutation(scan, layer, length, s, grid) for s in image_starts])
 
-# %% ../nbs/11_scans.ipynb #61465edc
+# %% ../nbs/11_scans.ipynb #e8135e87
 def apply_scan(x, perm):
     "x [B, T, C] in scan order: out[b, t] = x[b, perm[b, t]]."
     return x.gather(1, perm.to(x.device)[:, :, None].expand(-1, -1, x.shape[-1]))
