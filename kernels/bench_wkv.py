@@ -28,6 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     p.add_argument("--skip-chunked", action="store_true", help="leave out the chunked PyTorch form")
     p.add_argument("--skip-fla", action="store_true", help="leave out flash-linear-attention even if installed")
+    p.add_argument("--seg-chunks", default="", help="extra Triton rows with fixed chunks per segment, e.g. 16,64")
     return p.parse_args(argv)
 
 
@@ -143,6 +144,7 @@ def run(args):
     import torch
     from visualrwkv.wkv import wkv6
     from visualrwkv_kernels import wkv6_triton
+    from visualrwkv_kernels.wkv6 import WKV6Triton
     device = "cpu" if args.cpu_smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_wkv: no CUDA device; use --cpu-smoke for the interpreter path")
@@ -158,6 +160,8 @@ def run(args):
     bw = copy_bandwidth(device, timer)
     report["copy_bandwidth_GBps"] = bw / 1e9
     impls = {"triton": lambda r, k, v, logw, u: wkv6_triton(r, k, v, logw, u)}
+    for n in filter(None, args.seg_chunks.split(",")):          # for tuning the segment heuristic
+        impls[f"triton seg={n}"] = lambda r, k, v, logw, u, n=int(n): WKV6Triton.apply(r, k, v, logw, u, None, n)
     if not args.skip_chunked:
         impls["chunked"] = lambda r, k, v, logw, u: wkv6(r, k, v, logw, u, impl="chunked")
     fla = load_fla() if device == "cuda" and not args.skip_fla else None
