@@ -226,3 +226,30 @@ def test_text_only_zero_image_batched_equals_alone_and_reference():
                 assert n == len(ids) + N
                 x = torch.cat([torch.zeros(N, 32, dtype=torch.float64), model.rwkv.emb(torch.tensor(ids))])[None]
                 torch.testing.assert_close(alone.logits, model.rwkv.forward_embeds(x)[0], atol=1e-10, rtol=0)
+
+
+def test_training_learns_from_the_image():
+    "Two noisy image classes, the answer says which: only a working image path (frozen tower, projector, scans) learns it."
+    from visualrwkv.vision import VisionConfig as VC
+    torch.manual_seed(0)
+    model = VisualRWKV(RWKV6Config(vocab_size=16, n_layer=2, n_embd=32, head_size=8, lora_mix=4, lora_decay=4),
+                       VC(image_size=28, patch_size=7, width=24, layers=1, head_width=8), grid_size=2, scan="multidirectional")
+    with torch.no_grad():
+        for p in model.vit.parameters(): p.normal_(0, 0.3)
+    patterns = torch.randn(2, 3, 28, 28)
+
+    def batch(n, g):
+        cls = torch.randint(0, 2, (n,), generator=g)
+        ids = [[3, 4, IMAGE_TOKEN_INDEX, 5, 6, 10 + int(c), 2] for c in cls]
+        return ids, list(patterns[cls] + 0.5 * torch.randn(n, 3, 28, 28, generator=g)), [[IGNORE_INDEX] * 5 + i[5:] for i in ids], cls
+
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        ids, imgs, labels, _ = batch(16, g)
+        out = model(ids, imgs, labels)
+        loss = next_token_loss(out.logits, out.labels)
+        opt.zero_grad(); loss.backward(); opt.step()
+    ids, imgs, _, cls = batch(64, torch.Generator().manual_seed(2))
+    with torch.no_grad(): answer = model(ids, imgs).logits[:, 3 + model.n_image_tokens].argmax(-1)
+    assert (answer == 10 + cls).float().mean() >= 0.95
