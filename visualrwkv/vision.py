@@ -5,7 +5,7 @@ __all__ = ['VisionConfig', 'build_open_clip_vit', 'CLIPVisionTower', 'clip_prepr
            'open_clip_to_hf_clip_vision', 'load_checked', 'vision_config_from_state_dict', 'load_open_clip_vision',
            'n_pooled_tokens', 'grid_pool', 'build_projector']
 
-# %% ../nbs/10_vision.ipynb #5a040517
+# %% ../nbs/10_vision.ipynb #69570411
 import math
 from dataclasses import dataclass
 import torch
@@ -17,7 +17,7 @@ from open_clip.transformer import QuickGELU, VisionTransformer
 
 from .rwkv import check_state_dict, read_state_dict
 
-# %% ../nbs/10_vision.ipynb #59e0ab4f
+# %% ../nbs/10_vision.ipynb #d94d462c
 @dataclass(frozen=True)
 class VisionConfig:
     "Shape of an open_clip ViT; the defaults are ViT-L-14-336 with QuickGELU, the tower of VisualRWKV-v060."
@@ -36,7 +36,7 @@ class VisionConfig:
     @property
     def n_tokens(self): return self.grid ** 2 + 1                    # patches + CLS
 
-# %% ../nbs/10_vision.ipynb #2ce79fcb
+# %% ../nbs/10_vision.ipynb #11d0b749
 def build_open_clip_vit(cfg: VisionConfig) -> VisionTransformer:
     "An open_clip VisionTransformer of shape `cfg`, without the unused contrastive projection."
     if cfg.image_size % cfg.patch_size or cfg.width % cfg.head_width:
@@ -47,7 +47,7 @@ def build_open_clip_vit(cfg: VisionConfig) -> VisionTransformer:
     vit.proj = None
     return vit
 
-# %% ../nbs/10_vision.ipynb #976a90d7
+# %% ../nbs/10_vision.ipynb #0c9105e5
 class CLIPVisionTower(nn.Module):
     "Frozen open_clip ViT returning last-block features [B, N+1, W]: N patch tokens, then CLS (before ln_post)."
     def __init__(self, cfg: VisionConfig = VisionConfig()):
@@ -72,12 +72,12 @@ class CLIPVisionTower(nn.Module):
         x = self.visual.transformer(x)                                       # [B, 1+N, W]
         return torch.cat([x[:, 1:], x[:, :1]], dim=1)                        # [B, N+1, W]
 
-# %% ../nbs/10_vision.ipynb #40628b30
+# %% ../nbs/10_vision.ipynb #101e3fd2
 def clip_preprocess(image_size: int = 336):
     "CLIP's eval transform: RGB, shortest side to `image_size` (bicubic), centre crop, OpenAI mean/std."
     return image_transform(image_size, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
 
-# %% ../nbs/10_vision.ipynb #bd241834
+# %% ../nbs/10_vision.ipynb #db93b06e
 _HF_GLOBAL = {"embeddings.class_embedding": "class_embedding", "embeddings.patch_embedding.weight": "conv1.weight",
               "embeddings.position_embedding.weight": "positional_embedding",
               "pre_layrnorm.weight": "ln_pre.weight", "pre_layrnorm.bias": "ln_pre.bias",
@@ -89,7 +89,7 @@ def _strip_prefix(sd, prefix):
     "`sd` with `prefix` removed from its keys when every key has it."
     return {k[len(prefix):]: v for k, v in sd.items()} if sd and all(k.startswith(prefix) for k in sd) else dict(sd)
 
-# %% ../nbs/10_vision.ipynb #c9f7e2a1
+# %% ../nbs/10_vision.ipynb #401d8a39
 def hf_clip_vision_to_open_clip(sd: dict, unknown_ok: bool = False) -> dict:
     "HF CLIPVisionModel keys (optionally under `vision_model.`) -> open_clip keys; `unknown_ok` passes unknown keys through."
     sd = _strip_prefix(sd, "vision_model.")
@@ -114,7 +114,7 @@ def hf_clip_vision_to_open_clip(sd: dict, unknown_ok: bool = False) -> dict:
     if unknown and not unknown_ok: raise ValueError(f"unknown keys for a HF CLIPVisionModel: {unknown}")
     return {**out, **{k: sd[k] for k in unknown}}
 
-# %% ../nbs/10_vision.ipynb #c3225d5d
+# %% ../nbs/10_vision.ipynb #c9273dae
 def open_clip_to_hf_clip_vision(sd: dict) -> dict:
     "Convert open_clip VisionTransformer keys to the HF CLIPVisionModel layout, under `vision_model.`."
     glob = {v: k for k, v in _HF_GLOBAL.items()}
@@ -134,13 +134,13 @@ def open_clip_to_hf_clip_vision(sd: dict) -> dict:
     if unknown: raise ValueError(f"open_clip keys with no HF CLIPVisionModel counterpart: {unknown}")
     return {f"vision_model.{k}": v for k, v in out.items()}
 
-# %% ../nbs/10_vision.ipynb #8ee92d3d
+# %% ../nbs/10_vision.ipynb #9f75d3d1
 def load_checked(module: nn.Module, sd: dict, what: str = "state dict"):
     "Load `sd` into `module` after `check_state_dict`, so every problem is reported at once."
     module.load_state_dict(check_state_dict(module, sd, what))
     return module
 
-# %% ../nbs/10_vision.ipynb #2d147f8a
+# %% ../nbs/10_vision.ipynb #fa4d98bd
 def vision_config_from_state_dict(sd: dict, head_width: int = 64, quick_gelu: bool = True) -> VisionConfig:
     "The VisionConfig of an open_clip VisionTransformer state dict."
     for key in ("conv1.weight", "positional_embedding", "transformer.resblocks.0.mlp.c_fc.weight"):
@@ -152,7 +152,7 @@ def vision_config_from_state_dict(sd: dict, head_width: int = 64, quick_gelu: bo
     return VisionConfig(image_size=grid * patch, patch_size=patch, width=width, layers=layers,
                         head_width=head_width, mlp_ratio=mlp_ratio, quick_gelu=quick_gelu)
 
-# %% ../nbs/10_vision.ipynb #72e1106d
+# %% ../nbs/10_vision.ipynb #12826f9d
 def load_open_clip_vision(path, head_width: int = 64, quick_gelu: bool = True) -> CLIPVisionTower:
     "A CLIPVisionTower with the `visual.*` weights of a local open_clip checkpoint (the unused `visual.proj` dropped)."
     sd = read_state_dict(path)
@@ -163,7 +163,7 @@ def load_open_clip_vision(path, head_width: int = 64, quick_gelu: bool = True) -
     load_checked(tower.visual, visual, f"{path} (visual.*)")
     return tower
 
-# %% ../nbs/10_vision.ipynb #b8fbd655
+# %% ../nbs/10_vision.ipynb #e9dc0983
 def n_pooled_tokens(grid_size: int, patch_grid: int) -> int:
     "Number of image tokens after grid pooling a patch_grid x patch_grid image (Table 9), CLS included."
     if grid_size == -1: return patch_grid ** 2 + 1
@@ -185,7 +185,7 @@ def grid_pool(features, grid_size: int):
     pooled = F.avg_pool2d(grid, kernel_size=P // grid_size)             # [B, W, g, g]
     return torch.cat([pooled.flatten(2).transpose(1, 2), cls], dim=1)   # [B, g*g+1, W]
 
-# %% ../nbs/10_vision.ipynb #132b66af
+# %% ../nbs/10_vision.ipynb #036df9e8
 def build_projector(vision_width: int, n_embd: int) -> nn.Linear:
     "The projector of Fig. 2: Linear(vision_width, n_embd, bias=False), the official `proj`."
     return nn.Linear(vision_width, n_embd, bias=False)
