@@ -253,3 +253,18 @@ def test_training_learns_from_the_image():
     ids, imgs, _, cls = batch(64, torch.Generator().manual_seed(2))
     with torch.no_grad(): answer = model(ids, imgs).logits[:, 3 + model.n_image_tokens].argmax(-1)
     assert (answer == 10 + cls).float().mean() >= 0.95
+
+
+def test_per_sample_loss_equals_reference():
+    model = make_model(seed=71)
+    samples, images = make_samples(seed=73)
+    labels = [[IGNORE_INDEX if i == IMAGE_TOKEN_INDEX or t < 2 else i for t, i in enumerate(ids)] for ids in samples]
+    labels[-1] = [IGNORE_INDEX] * len(labels[-1])                       # a sample with nothing to learn is skipped
+    with torch.no_grad():
+        out = model(samples, images, labels)
+        means = []
+        for b in range(len(samples)):
+            terms = [-torch.log_softmax(out.logits[b, t], -1)[out.labels[b, t + 1]] for t in range(out.logits.shape[1] - 1)
+                     if out.labels[b, t + 1] != IGNORE_INDEX]
+            if terms: means.append(torch.stack(terms).mean())
+        torch.testing.assert_close(next_token_loss(out.logits, out.labels, per_sample=True), torch.stack(means).mean().float())

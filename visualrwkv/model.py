@@ -4,7 +4,7 @@
 __all__ = ['VisualRWKV', 'VisualBatch', 'build_batch', 'visual_forward_embeds', 'VisualOutput', 'next_token_loss', 'generate',
            'visualrwkv_state_dict', 'save_visualrwkv', 'load_visualrwkv', 'TinyAttentionCache', 'TinyAttention']
 
-# %% ../nbs/13_visualrwkv.ipynb #18d0fd60
+# %% ../nbs/13_visualrwkv.ipynb #6ba6d1c2
 from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from .vision import (CLIPVisionTower, VisionConfig, build_projector, grid_pool, 
 from .scans import SCAN_MODES, apply_scan, batch_scan_permutation, layer_order, undo_scan
 from .prompts import IGNORE_INDEX, IMAGE_POSITIONS, IMAGE_TOKEN_INDEX, tokenize_conversation
 
-# %% ../nbs/13_visualrwkv.ipynb #80d7e5d4
+# %% ../nbs/13_visualrwkv.ipynb #85f70a96
 class VisualRWKV(nn.Module):
     "Vision tower + grid pooling + projector + RWKV-6 (Fig. 2), with a per-layer image scan (Fig. 4)."
     def __init__(self, lm: RWKV6Config, vision: VisionConfig = VisionConfig(), grid_size: int = -1,
@@ -53,7 +53,7 @@ class VisualRWKV(nn.Module):
         logits, new_state = visual_forward_embeds(self, batch.embeds, batch.mask, batch.image_starts, state)
         return VisualOutput(logits, batch.mask, batch.labels, new_state)
 
-# %% ../nbs/13_visualrwkv.ipynb #02e0ea2e
+# %% ../nbs/13_visualrwkv.ipynb #d911b21b
 class VisualBatch(NamedTuple):
     "A right-padded batch: embeds [B, T, C], mask [B, T] (True = real), first patch position per sample, labels [B, T]."
     embeds: torch.Tensor
@@ -67,7 +67,7 @@ def _image_index(ids, b):
     if n > 1: raise ValueError(f"input_ids[{b}]: {n} image placeholders (-200), at most one image per sample")
     return ids.index(IMAGE_TOKEN_INDEX) if n else None
 
-# %% ../nbs/13_visualrwkv.ipynb #ff28ce3e
+# %% ../nbs/13_visualrwkv.ipynb #063864f0
 def _as_lists(input_ids):
     "Token ids of every sample as a list of ints."
     return [ids.tolist() if torch.is_tensor(ids) else list(ids) for ids in input_ids]
@@ -108,7 +108,7 @@ def build_batch(model: VisualRWKV, input_ids, images=None, labels=None) -> Visua
             out_labels[b, :lengths[b]] = lab
     return VisualBatch(embeds, mask, where, out_labels)
 
-# %% ../nbs/13_visualrwkv.ipynb #a15dfe45
+# %% ../nbs/13_visualrwkv.ipynb #1bd15383
 def visual_forward_embeds(model: VisualRWKV, x, mask=None, image_starts=None, state=None):
     "Embeddings x [B, T, C] through the scanned RWKV layers (and the hybrid's tiny attention) -> (logits, state list)."
     B, T, _ = x.shape
@@ -128,7 +128,7 @@ def visual_forward_embeds(model: VisualRWKV, x, mask=None, image_starts=None, st
         new_state.append(cache)
     return model.rwkv.head(model.rwkv.ln_out(x)), new_state
 
-# %% ../nbs/13_visualrwkv.ipynb #6dbeb9af
+# %% ../nbs/13_visualrwkv.ipynb #844f0322
 class VisualOutput(NamedTuple):
     "logits [B, T, vocab], mask [B, T], labels [B, T] (or None), per-layer final state."
     logits: torch.Tensor
@@ -136,11 +136,16 @@ class VisualOutput(NamedTuple):
     labels: Optional[torch.Tensor]
     state: list
 
-def next_token_loss(logits, labels):
-    "Mean cross-entropy of predicting labels[t+1] from logits[t], over the positions not IGNORE_INDEX."
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+def next_token_loss(logits, labels, per_sample: bool = False):
+    "Cross-entropy of labels[t+1] from logits[t] over labelled positions: token mean, or (per_sample) mean of sample means."
+    targets = labels[:, 1:]                                                            # [B, T-1]
+    loss = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX,
+                           reduction="none")                                           # [B, T-1]
+    counts = (targets != IGNORE_INDEX).sum(1)                                          # [B]
+    if not per_sample: return loss.sum() / counts.sum().clamp(min=1)
+    return (loss.sum(1)[counts > 0] / counts[counts > 0]).mean()
 
-# %% ../nbs/13_visualrwkv.ipynb #5fc0b0ef
+# %% ../nbs/13_visualrwkv.ipynb #a3825d99
 @torch.no_grad()
 def generate(model: VisualRWKV, input_ids, images=None, max_new_tokens=16, temperature=0.0, top_p=1.0,
              stop_token=261, generator=None):
@@ -159,7 +164,7 @@ def generate(model: VisualRWKV, input_ids, images=None, max_new_tokens=16, tempe
         logits = logits[:, 0]
     return torch.stack(new, dim=1)
 
-# %% ../nbs/13_visualrwkv.ipynb #143c7c12
+# %% ../nbs/13_visualrwkv.ipynb #80a1fa4c
 def visualrwkv_state_dict(model: VisualRWKV) -> dict:
     "The model's tensors in the official VisualRWKV-v060 layout: rwkv.*, vit.vision_model.* (HF), proj.weight."
     sd = {f"rwkv.{k}": v for k, v in model.rwkv.state_dict().items()}
@@ -172,7 +177,7 @@ def save_visualrwkv(model: VisualRWKV, path):
     "Write the official layout atomically (`.pth`, or `.safetensors`)."
     write_state_dict(visualrwkv_state_dict(model), path)
 
-# %% ../nbs/13_visualrwkv.ipynb #dcbb9a1b
+# %% ../nbs/13_visualrwkv.ipynb #bb82597d
 def _check_layout(expected: dict, given: dict, what: str):
     "One ValueError naming every missing, unexpected and misshapen tensor (size-1 dims aside), in the file's own names."
     dims = lambda t: [d for d in t.shape if d != 1]
@@ -207,7 +212,7 @@ def load_visualrwkv(path_or_state_dict, grid_size: int = -1, scan: str = "bidire
     model.vit.requires_grad_(False)
     return model.to(dtype) if dtype is not None else model
 
-# %% ../nbs/13_visualrwkv.ipynb #ad4408e6
+# %% ../nbs/13_visualrwkv.ipynb #4f91a13f
 class TinyAttentionCache(NamedTuple):
     "Past keys [B, S, d], values W_v e [B, S, C] and their mask [B, S] (True = real token)."
     k: torch.Tensor
