@@ -191,15 +191,32 @@ def print_table(report):
     print(f"device: {report['device']}; copy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s; bf16")
     print(f"{'(B, T, H, K)':<22}{'impl':<18}{'fwd ms':>10}{'fwd+bwd ms':>12}{'floor ms':>10}{'fwd/floor':>10}")
     for row in report["rows"]:
-        ratio = fmt(row["fwd_over_floor"]) if row["fwd_over_floor"] is not None else fmt("-")
+        ratio = f"{row['fwd_over_floor']:10.1f}" if row["fwd_over_floor"] is not None else fmt("-")
         print(f"{str(tuple(row['shape'])):<22}{row['impl']:<18}{fmt(row['fwd_ms'])}  {fmt(row['fwd_bwd_ms'])}"
               f"{fmt(row['floor_fwd_ms'])}{ratio}")
+
+
+def ensure_importable():
+    """Make `visualrwkv` and `visualrwkv_kernels` importable from a bare checkout (no `pip install`), e.g. on a
+    freshly started GPU machine: the repository root goes on sys.path and kernels/ is loaded under its package name."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if importlib.util.find_spec("visualrwkv") is None:
+        sys.path.insert(0, root)
+    if importlib.util.find_spec("visualrwkv_kernels") is None:
+        spec = importlib.util.spec_from_file_location(
+            "visualrwkv_kernels", os.path.join(root, "kernels", "__init__.py"),
+            submodule_search_locations=[os.path.join(root, "kernels")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["visualrwkv_kernels"] = module
+        spec.loader.exec_module(module)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"           # before triton is imported
+    ensure_importable()
     report = run(args)
     if not all(c["ok"] for c in report["correctness"]):
         sys.exit("bench_wkv: correctness check FAILED (see the errors above)")
