@@ -211,6 +211,11 @@ def test_kernels_compile_for_h100_without_register_spills():
     import subprocess
     import sys
     from pathlib import Path
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        get_ptxas(90)
+    except Exception as e:                                   # a triton install without its CUDA toolchain
+        pytest.skip(f"no ptxas for sm_90: {e!r}")
     script = Path(__file__).resolve().parents[1] / "kernels" / "compile_check.py"
     run = subprocess.run([sys.executable, str(script), "--head-size", "64", "--dtype", "bf16", "--arch", "90"],
                          capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600)
