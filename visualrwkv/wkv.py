@@ -3,10 +3,10 @@
 # %% auto #0
 __all__ = ['IMPLS', 'wkv6_naive', 'wkv6_chunked', 'wkv6']
 
-# %% ../nbs/03_wkv.ipynb #78ca04b2
+# %% ../nbs/03_wkv.ipynb #18e11a6e
 import torch
 
-# %% ../nbs/03_wkv.ipynb #95c819b0
+# %% ../nbs/03_wkv.ipynb #6b477d19
 def _compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -24,7 +24,7 @@ def wkv6_naive(r, k, v, logw, u, state=None):
         S = w[:, t, :, :, None] * S + kv
     return torch.stack(out, dim=1), S                                         # [B, T, H, V], [B, H, K, V]
 
-# %% ../nbs/03_wkv.ipynb #d4fd0320
+# %% ../nbs/03_wkv.ipynb #de0caed9
 def _chunk(x, L):
     "Pad [B, T, H, K] on T to a multiple of L and view it as chunks: [B, H, N, L, K]."
     B, T, H, K = x.shape
@@ -55,7 +55,7 @@ def wkv6_chunked(r, k, v, logw, u, state=None, chunk_size=32):
     o = o.permute(0, 2, 3, 1, 4).reshape(B, -1, H, v.shape[-1])[:, :T]  # [B, T, H, V]
     return o, S
 
-# %% ../nbs/03_wkv.ipynb #1d197011
+# %% ../nbs/03_wkv.ipynb #5d93b11f
 IMPLS = ("naive", "chunked", "triton")
 
 def _check_wkv_inputs(r, k, v, logw, u, state):
