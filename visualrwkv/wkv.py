@@ -3,10 +3,10 @@
 # %% auto #0
 __all__ = ['IMPLS', 'wkv6_naive', 'wkv6_chunked', 'wkv6']
 
-# %% ../nbs/03_wkv.ipynb #18e11a6e
+# %% ../nbs/03_wkv.ipynb #2bb562cb
 import torch
 
-# %% ../nbs/03_wkv.ipynb #6b477d19
+# %% ../nbs/03_wkv.ipynb #ac2c5ab4
 def _compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -24,14 +24,14 @@ def wkv6_naive(r, k, v, logw, u, state=None):
         S = w[:, t, :, :, None] * S + kv
     return torch.stack(out, dim=1), S                                         # [B, T, H, V], [B, H, K, V]
 
-# %% ../nbs/03_wkv.ipynb #de0caed9
+# %% ../nbs/03_wkv.ipynb #a8c04bfa
 def _chunk(x, L):
     "Pad [B, T, H, K] on T to a multiple of L and view it as chunks: [B, H, N, L, K]."
     B, T, H, K = x.shape
     x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, -T % L))
     return x.view(B, -1, L, H, K).permute(0, 3, 1, 2, 4)
 
-def wkv6_chunked(r, k, v, logw, u, state=None, chunk_size=32):
+def wkv6_chunked(r, k, v, logw, u, state=None, chunk_size=16):
     "WKV (Eq. 9) in chunks: a masked product inside each chunk, the recurrence across chunks; every exponent <= 0."
     B, T, H, K = r.shape
     dt, L = _compute_dtype(r), chunk_size
@@ -55,7 +55,7 @@ def wkv6_chunked(r, k, v, logw, u, state=None, chunk_size=32):
     o = o.permute(0, 2, 3, 1, 4).reshape(B, -1, H, v.shape[-1])[:, :T]  # [B, T, H, V]
     return o, S
 
-# %% ../nbs/03_wkv.ipynb #5d93b11f
+# %% ../nbs/03_wkv.ipynb #fac6b281
 IMPLS = ("naive", "chunked", "triton")
 
 def _check_wkv_inputs(r, k, v, logw, u, state):
