@@ -1,0 +1,144 @@
+"""Greedy answers of a VisualRWKV checkpoint on a LLaVA-format question set, and their VQA-style exact-match accuracy.
+
+Each record's last `gpt` turn is the reference answer; the turns before it are the prompt, which ends with
+`Assistant:` as in training. Answers are generated greedily in RNN mode (`visualrwkv.model.generate`) until the
+turn's stop token `\\n\\n`. Prediction and reference are compared after VQA-style normalisation (lower case, punctuation,
+articles and extra spaces removed, number words as digits).
+
+    python scripts/evaluate.py --model runs/toy/stage2/visualrwkv.pth --data runs/toy/toy_data/eval.jsonl
+
+writes answers.jsonl next to the model (or --out) and prints the accuracy, per `question_type` when records have one,
+next to the question-only baseline: the accuracy of always giving each question's most frequent answer, which is the
+best a model that ignores the image can do on this set.
+"""
+import argparse
+import json
+import re
+import sys
+import time
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+from visualrwkv.data import BadSample, BadSampleWarning, conversation_problem, load_image, read_llava_records
+from visualrwkv.model import generate, load_visualrwkv
+from visualrwkv.prompts import STOP_TOKEN_INDEX, default_tokenizer, tokenize_conversation
+
+NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+ARTICLES = {"a", "an", "the"}
+
+
+def normalize_answer(text: str) -> str:
+    """VQA-style normalisation: 'The Red.' -> 'red', 'Three!' -> '3', 'on the  left' -> 'on left'."""
+    text = re.sub(r"(?<=\d),(?=\d)", "", text.lower().strip())           # 1,000 -> 1000
+    text = re.sub(r"[^\w\s.]|(?<!\d)\.|\.(?!\d)", " ", text)               # punctuation, but not a decimal point
+    words = [NUMBERS.get(w, w) for w in text.split() if w not in ARTICLES]
+    return " ".join(words)
+
+
+def split_prompt(conversations):
+    """(prompt turns ending with an empty gpt turn, reference answer) of a record whose last turn is the answer."""
+    if not conversations or conversations[-1]["from"].lower() != "gpt":
+        raise BadSample("the last turn is not a 'gpt' answer")
+    return conversations[:-1] + [{"from": "gpt", "value": ""}], conversations[-1]["value"]
+
+
+def question_only_baseline(rows) -> float:
+    """Accuracy of answering every question with its most frequent normalised reference answer in this set."""
+    by_question = defaultdict(Counter)
+    for r in rows: by_question[r["question"]][normalize_answer(r["reference"])] += 1
+    return sum(c.most_common(1)[0][1] for c in by_question.values()) / max(len(rows), 1)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="VisualRWKV checkpoint (official v060 layout)")
+    p.add_argument("--data", required=True, help="LLaVA-format .json / .jsonl question set")
+    p.add_argument("--image-folder", help="folder the 'image' paths are relative to (default: the data's folder)")
+    p.add_argument("--out", help="answers.jsonl path (default: next to the model)")
+    p.add_argument("--config", help="model_config.json (default: next to the model); flags below override it")
+    p.add_argument("--grid-size", type=int)
+    p.add_argument("--scan", choices=("unidirectional", "bidirectional", "multidirectional"))
+    p.add_argument("--image-position", choices=("first", "middle", "last"))
+    p.add_argument("--vision-head-width", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def load_model(args):
+    config_path = Path(args.config) if args.config else Path(args.model).parent / "model_config.json"
+    cfg = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    for key in ("grid_size", "scan", "image_position", "vision_head_width"):
+        if getattr(args, key) is not None: cfg[key] = getattr(args, key)
+    model = load_visualrwkv(args.model, **cfg)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    return model.to(args.device, dtype).eval()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model = load_model(args)
+    tokenizer = default_tokenizer()
+    records = read_llava_records(args.data)
+    image_folder = Path(args.image_folder) if args.image_folder else Path(args.data).parent
+    n = len(records) if args.limit is None else min(args.limit, len(records))
+    prompts, skipped = [], []
+    for i in range(n):
+        record, sid = records[i], str(records[i].get("id") or f"#{i}")
+        try:
+            if (problem := conversation_problem(record)) is not None: raise BadSample(problem)
+            turns, reference = split_prompt(record["conversations"])
+            ids, _ = tokenize_conversation(turns, model.image_position, tokenizer)
+            image = load_image(image_folder / record["image"], model.vit.cfg.image_size) if record.get("image") else None
+            question = "\n".join(t["value"] for t in turns if t["from"].lower() == "human")
+            prompts.append(dict(id=sid, ids=ids, image=image, question=question, reference=reference,
+                                question_type=record.get("question_type")))
+        except BadSample as e:
+            warnings.warn(f"skipping question {sid!r}: {e}", BadSampleWarning)
+            skipped.append(sid)
+    if not prompts: raise ValueError(f"{args.data}: no usable question among {n}")
+
+    rows, t0 = [], time.time()
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        images = [None if p["image"] is None else p["image"].to(args.device) for p in chunk]
+        new = generate(model, [p["ids"] for p in chunk], images, max_new_tokens=args.max_new_tokens, temperature=0.0)
+        for p, ids in zip(chunk, new.tolist()):
+            ids = ids[:ids.index(STOP_TOKEN_INDEX)] if STOP_TOKEN_INDEX in ids else ids
+            answer = tokenizer.decode(ids).strip()
+            rows.append(dict(id=p["id"], question=p["question"], question_type=p["question_type"], answer=answer,
+                             reference=p["reference"],
+                             correct=normalize_answer(answer) == normalize_answer(p["reference"])))
+    elapsed = time.time() - t0
+
+    out = Path(args.out) if args.out else Path(args.model).parent / "answers.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out)
+
+    accuracy = sum(r["correct"] for r in rows) / len(rows)
+    baseline = question_only_baseline(rows)
+    print(f"{len(rows)} questions ({len(skipped)} skipped) in {elapsed:.1f}s; answers in {out}")
+    types = sorted({r["question_type"] for r in rows if r["question_type"]})
+    if types:
+        print(f"{'question type':<16}{'n':>5}{'accuracy':>10}{'question-only':>15}")
+        for t in types:
+            sub = [r for r in rows if r["question_type"] == t]
+            print(f"{t:<16}{len(sub):>5}{sum(r['correct'] for r in sub) / len(sub):>10.1%}"
+                  f"{question_only_baseline(sub):>15.1%}")
+    print(f"exact-match accuracy {accuracy:.1%} (question-only baseline {baseline:.1%})")
+    summary = dict(n=len(rows), skipped=len(skipped), accuracy=accuracy, question_only_baseline=baseline)
+    tmp = out.with_name("eval_summary.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(out.with_name("eval_summary.json"))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""visualrwkv.data: the toy generator, truncation, bad samples skipped and counted, collate."""
+import hashlib
+import json
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from visualrwkv.data import (BadSample, BadSampleWarning, LlavaDataset, LlavaSample, SkippedSample, TOY_QUESTIONS,
+                             check_bad_fraction, collate_llava, draw_toy_image, make_toy_llava, truncate_sample)
+from visualrwkv.prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX, default_tokenizer, tokenize_conversation
+
+N_IMAGE = 17          # tokens per image of the toy tower (4 x 4 patches + CLS)
+
+
+def digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy")
+    return folder, make_toy_llava(folder, n_samples=40, seed=3, n_eval=12)
+
+
+def test_toy_generator_is_deterministic(toy, tmp_path):
+    folder, _ = toy
+    make_toy_llava(tmp_path / "same", n_samples=40, seed=3, n_eval=12)
+    make_toy_llava(tmp_path / "other", n_samples=40, seed=4, n_eval=12)
+    assert digest(tmp_path / "same") == digest(folder)
+    other = digest(tmp_path / "other")
+    assert other.keys() == digest(folder).keys() and other != digest(folder)
+
+
+def test_toy_content(toy):
+    folder, paths = toy
+    stage1 = json.loads(paths["stage1"].read_text())
+    stage2 = json.loads(paths["stage2"].read_text())
+    evaluation = [json.loads(line) for line in paths["eval"].read_text().splitlines()]
+    assert len(stage1) == len(stage2) == 40 and len(evaluation) == 12
+    for r in stage1:
+        assert (folder / r["image"]).is_file() and r["conversations"][0]["value"].startswith("<image>\n")
+        assert r["conversations"][1]["value"].startswith("A ") and r["conversations"][1]["value"].endswith(" background.")
+    text_only = [r for r in stage2 if "image" not in r]
+    multi = [r for r in stage2 if len(r["conversations"]) > 2]
+    assert text_only and multi and len(text_only) < len(stage2) // 2
+    for r in evaluation:
+        question = r["conversations"][0]["value"]
+        assert TOY_QUESTIONS[r["question_type"]] in question and question.endswith("single word or phrase.")
+        assert " " not in r["conversations"][1]["value"]                         # single-word answers
+
+
+def test_toy_image_shows_the_scene():
+    img = draw_toy_image("square", "red", "blue", "left", random.Random(0), size=64)
+    pixels = torch.from_numpy(np.array(img))                                 # [64, 64, 3]
+    red = (pixels == torch.tensor([220, 40, 40])).all(-1)                      # [64, 64]
+    assert red[:, :32].sum() > 100 and red[:, 32:].sum() == 0                  # the red square is in the left half
+    with pytest.raises(ValueError, match="shape must be one of"):
+        draw_toy_image("hexagon", "red", "blue", "left", random.Random(0))
+
+
+@pytest.mark.parametrize("ctx_len", [9, 12, 13, 20, 40])
+@pytest.mark.parametrize("image_at", [None, 0, 3])
+def test_truncation_counts_image_tokens(ctx_len, image_at):
+    g = random.Random(ctx_len)
+    ids = [g.randrange(1000) for _ in range(20)]
+    labels = [IGNORE_INDEX] * 6 + ids[6:]
+    if image_at is not None: ids[image_at] = IMAGE_TOKEN_INDEX; labels[image_at] = IGNORE_INDEX
+    extra = N_IMAGE - 1 if image_at is not None else 0
+    try:
+        cut_ids, cut_labels = truncate_sample(ids, labels, ctx_len, N_IMAGE)
+    except BadSample as e:                                     # refused only when nothing supervised fits
+        assert ctx_len - extra <= 7 and ("no supervised token" in str(e) or "image does not fit" in str(e))
+        return
+    assert len(cut_ids) + extra == min(len(ids) + extra, ctx_len)
+    assert cut_ids == ids[:len(cut_ids)] and cut_labels == labels[:len(cut_ids)]
+
+
+def test_truncation_refuses_a_cut_image_and_counts_text_only_zero_image():
+    ids, labels = [1, 2, 3, 4, IMAGE_TOKEN_INDEX, 5, 6], [IGNORE_INDEX] * 5 + [6, 7]
+    with pytest.raises(BadSample, match="image does not fit"): truncate_sample(ids, labels, 8, N_IMAGE)
+    text_ids, text_labels = list(range(1, 11)), [IGNORE_INDEX] * 5 + list(range(6, 11))
+    cut, _ = truncate_sample(text_ids, text_labels, ctx_len=N_IMAGE + 8, n_image_tokens=N_IMAGE, text_only_tokens=N_IMAGE)
+    assert cut == text_ids[:8]
+
+
+def test_dataset_tokenizes_like_tokenize_conversation(toy):
+    folder, paths = toy
+    ds = LlavaDataset(paths["stage2"], folder, ctx_len=512, n_image_tokens=N_IMAGE, image_size=32,
+                      image_position="last", cache_dir=folder / "cache")
+    records = json.loads(paths["stage2"].read_text())
+    for i in range(len(ds)):
+        sample = ds[i]
+        ids, labels = tokenize_conversation(records[i]["conversations"], "last", default_tokenizer())
+        assert isinstance(sample, LlavaSample) and sample.id == records[i]["id"]
+        assert sample.input_ids == ids and sample.labels == labels
+        assert (sample.image is None) == ("image" not in records[i])
+        if sample.image is not None: assert sample.image.shape == (3, 32, 32) and sample.image.std() > 0.1
+
+
+def test_jsonl_and_json_list_give_the_same_samples(toy, tmp_path):
+    folder, paths = toy
+    records = json.loads(paths["stage2"].read_text())[:10]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    a, b = (LlavaDataset(tmp_path / f"d.{ext}", folder, 256, N_IMAGE, image_size=32, cache_dir=tmp_path / ext)
+            for ext in ("jsonl", "json"))
+    for i in range(10):
+        assert a[i].input_ids == b[i].input_ids and a[i].id == b[i].id
+
+
+def bad_records(folder):
+    (folder / "images").mkdir(exist_ok=True)
+    draw_toy_image("circle", "red", "blue", "left", random.Random(0), 32).save(folder / "images" / "ok.png")
+    draw_toy_image("circle", "red", "blue", "left", random.Random(0), 32).save(folder / "images" / "cut.png")
+    data = (folder / "images" / "cut.png").read_bytes()
+    (folder / "images" / "cut.png").write_bytes(data[:len(data) // 2])                  # truncated PNG
+    (folder / "images" / "noise.png").write_bytes(b"definitely not an image")
+    ask = lambda q, a, image=True: [{"from": "human", "value": ("<image>\n" if image else "") + q},
+                                    {"from": "gpt", "value": a}]
+    return [
+        {"id": "good", "image": "images/ok.png", "conversations": ask("Colour?", "Red.")},
+        {"id": "missing", "image": "images/nope.png", "conversations": ask("Colour?", "Red.")},
+        {"id": "truncated", "image": "images/cut.png", "conversations": ask("Colour?", "Red.")},
+        {"id": "noise", "image": "images/noise.png", "conversations": ask("Colour?", "Red.")},
+        {"id": "role", "conversations": [{"from": "system", "value": "x"}, {"from": "gpt", "value": "y"}]},
+        {"id": "number", "conversations": [{"from": "human", "value": "1+1?"}, {"from": "gpt", "value": 2}]},
+        {"id": "no-answer", "conversations": [{"from": "human", "value": "Hello?"}]},
+        {"id": "not-a-list", "conversations": "User: hi"},
+        {"id": "too-long", "conversations": ask("Tell a story. " * 40, "Once.", image=False)},
+        {"id": "text", "conversations": ask("Sides of a square?", "Four.", image=False)},
+        {"conversations": ask("Colour?", "Blue.", image=False)},                         # no id: named by index
+    ]
+
+
+def test_bad_samples_are_skipped_named_and_counted(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps(bad_records(tmp_path)))
+    ds = LlavaDataset(tmp_path / "d.json", ctx_len=64, n_image_tokens=N_IMAGE, image_size=32,
+                      cache_dir=tmp_path / "cache", max_bad_fraction=0.9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = [ds[i] for i in range(len(ds))]
+    skipped = {s.id: s.reason for s in items if isinstance(s, SkippedSample)}
+    assert [s.id for s in items if isinstance(s, LlavaSample)] == ["good", "text", "#10"]
+    assert set(skipped) == {"missing", "truncated", "noise", "role", "number", "no-answer", "not-a-list", "too-long"}
+    assert "image not found" in skipped["missing"] and "corrupt image" in skipped["truncated"]
+    assert "corrupt image" in skipped["noise"] and "'from'" in skipped["role"] and "'value'" in skipped["number"]
+    assert "no 'gpt' turn" in skipped["no-answer"] and "no supervised token" in skipped["too-long"]
+    messages = [str(w.message) for w in caught if issubclass(w.category, BadSampleWarning)]
+    assert len(messages) == len(skipped) and all(any(repr(k) in m for m in messages) for k in skipped)
+
+    batch = collate_llava(items[:4])
+    assert batch.ids == ["good"] and [s.id for s in batch.skipped] == ["missing", "truncated", "noise"]
+    assert batch.images[0].shape == (3, 32, 32) and len(batch) == 1
+    empty = collate_llava(items[1:3])
+    assert len(empty) == 0 and empty.input_ids == [] and len(empty.skipped) == 2
+
+
+def test_mostly_bad_data_is_an_error(tmp_path):
+    records = bad_records(tmp_path)
+    (tmp_path / "d.json").write_text(json.dumps([records[i] for i in (0, 4, 5, 6, 7)]))
+    with pytest.raises(ValueError, match="malformed conversations: 4 of 5 samples are bad"):
+        LlavaDataset(tmp_path / "d.json", ctx_len=64, n_image_tokens=N_IMAGE, image_size=32, cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="6 of 10 samples are bad"): check_bad_fraction(6, 10, 0.5)
+    check_bad_fraction(5, 10, 0.5)
+    check_bad_fraction(9, 10, 0.5, min_seen=20)                                # too early to judge
+
+
+def test_clear_errors_for_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="LLaVA data file not found"):
+        LlavaDataset(tmp_path / "nope.json")
+    (tmp_path / "d.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="expected a .json list or a .jsonl"): LlavaDataset(tmp_path / "d.csv")
+    (tmp_path / "d.json").write_text(json.dumps([{"id": 1, "text": "no conversations"}]))
+    with pytest.raises(ValueError, match="no record has a 'conversations' key"):
+        LlavaDataset(tmp_path / "d.json", cache_dir=tmp_path / "c")
