@@ -3,10 +3,10 @@
 # %% auto #0
 __all__ = ['IMPLS', 'wkv6_naive', 'wkv6_chunked', 'wkv6']
 
-# %% ../nbs/03_wkv.ipynb #2bb562cb
+# %% ../nbs/03_wkv.ipynb #7c0181e2
 import torch
 
-# %% ../nbs/03_wkv.ipynb #ac2c5ab4
+# %% ../nbs/03_wkv.ipynb #f51aa904
 def _compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -24,7 +24,7 @@ def wkv6_naive(r, k, v, logw, u, state=None):
         S = w[:, t, :, :, None] * S + kv
     return torch.stack(out, dim=1), S                                         # [B, T, H, V], [B, H, K, V]
 
-# %% ../nbs/03_wkv.ipynb #a8c04bfa
+# %% ../nbs/03_wkv.ipynb #2e2195d5
 def _chunk(x, L):
     "Pad [B, T, H, K] on T to a multiple of L and view it as chunks: [B, H, N, L, K]."
     B, T, H, K = x.shape
@@ -55,7 +55,7 @@ def wkv6_chunked(r, k, v, logw, u, state=None, chunk_size=16):
     o = o.permute(0, 2, 3, 1, 4).reshape(B, -1, H, v.shape[-1])[:, :T]  # [B, T, H, V]
     return o, S
 
-# %% ../nbs/03_wkv.ipynb #fac6b281
+# %% ../nbs/03_wkv.ipynb #934e35d0
 IMPLS = ("naive", "chunked", "triton")
 
 def _check_wkv_inputs(r, k, v, logw, u, state):
