@@ -5,19 +5,21 @@
 #   2. stage 2 starts from stage 1's checkpoint and trains projector + LM (tower frozen);
 #   3. greedy answers on held-out toy questions, VQA exact match against the question-only baseline;
 #   4. a summary table.
-# Usage: bash scripts/run_toy.sh [OUT_DIR]   (default runs/toy; NPROC=1 for one process; DS_ACCELERATOR=cuda on GPUs)
+# Usage: bash scripts/run_toy.sh [OUT_DIR]   (default runs/toy; about 7 minutes on 2 CPU cores)
+# Knobs: NPROC (processes, default 2), STAGE1_STEPS (30), STAGE2_STEPS (250), GRID_SIZE (-1: all 16 patches + CLS),
+#        DS_ACCELERATOR=cuda to run on GPUs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-runs/toy}"
 NPROC="${NPROC:-2}"
-export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
 train() { python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" scripts/train.py --toy \
             --toy-samples 768 --ctx-len 128 --batch-size 16 --micro-batch $((16 / NPROC)) --log-every 10 "$@"; }
 
 SECONDS=0
-train --stage 1 --out "$OUT/stage1" --steps "${STAGE1_STEPS:-30}" --lr 1e-2 --lr-end 1e-3
+train --stage 1 --out "$OUT/stage1" --steps "${STAGE1_STEPS:-30}" --lr 1e-2 --lr-end 1e-3 --grid-size "${GRID_SIZE:--1}"
 T1=$SECONDS
-train --stage 2 --out "$OUT/stage2" --init "$OUT/stage1/visualrwkv.pth" --steps "${STAGE2_STEPS:-150}" --lr 2e-3 --lr-end 1e-4
+train --stage 2 --out "$OUT/stage2" --init "$OUT/stage1/visualrwkv.pth" --steps "${STAGE2_STEPS:-250}" --lr 2e-3 --lr-end 1e-4
 T2=$SECONDS
 python scripts/evaluate.py --model "$OUT/stage2/visualrwkv.pth" --data "$OUT/toy_data/eval.jsonl"
 T3=$SECONDS

@@ -1,4 +1,4 @@
-"""Two-stage VisualRWKV training with DeepSpeed (Section 3.3, Appendix A, Table 6).
+"""Two-stage VisualRWKV training with DeepSpeed (Section 4.1, Appendix A, Table 6).
 
 Stage 1 (`--stage 1`) trains the projector only: the vision tower and the RWKV LM are frozen. Stage 2 (`--stage 2`) trains
 the projector and the LM; the tower stays frozen. Defaults follow Table 6 for VisualRWKV 1.6B: AdamW without weight
@@ -34,13 +34,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from visualrwkv.data import LlavaDataset, check_bad_fraction, collate_llava, make_toy_llava
-from visualrwkv.model import VisualRWKV, load_visualrwkv, next_token_loss, save_visualrwkv
+from visualrwkv.model import VisualRWKV, load_visualrwkv, save_visualrwkv
 from visualrwkv.prompts import IGNORE_INDEX
 from visualrwkv.rwkv import RWKV6Config, load_rwkv6, randomize_, read_state_dict
 from visualrwkv.vision import (CLIPVisionTower, VisionConfig, build_projector, hf_clip_vision_to_open_clip, load_checked,
                                load_open_clip_vision, vision_config_from_state_dict)
 
-TOY_LM = dict(vocab_size=65536, n_layer=2, n_embd=64, head_size=16, lora_mix=8, lora_decay=8)
+TOY_LM = dict(vocab_size=65536, n_layer=4, n_embd=64, head_size=16, lora_mix=8, lora_decay=8)
 TOY_VISION = VisionConfig(image_size=32, patch_size=8, width=48, layers=2, head_width=16)
 STAGE_DEFAULTS = {1: dict(lr=1e-3, lr_end=1e-5, batch_size=256), 2: dict(lr=6e-5, lr_end=1.5e-5, batch_size=128)}
 MODEL_KEYS = ("grid_size", "scan", "image_position", "vision_head_width", "quick_gelu", "text_only_zero_image")
@@ -117,8 +117,8 @@ def init_distributed():
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or
                                   (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     from deepspeed.accelerator import get_accelerator
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     if on_cuda(): torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -146,8 +146,9 @@ def agree_to_skip(loss, empty: bool):
 def model_config(args) -> dict:
     """Model-shape options: command line, else --init's (or --resume's) model_config.json, else the paper's defaults."""
     saved = {}
-    sources = ([args.resume_dir.parent.parent] if args.resume_dir else []) + ([Path(args.init).parent] if args.init else [])
-    for source in sources:                                             # <out>/checkpoints/step-N, or next to --init
+    sources = [args.resume_dir.parent.parent] if args.resume_dir else []              # <out>/checkpoints/step-N
+    if args.init: sources += [Path(args.init).parent, Path(args.init).parent.parent.parent]   # <out>/ or its step-N/
+    for source in sources:
         if (source / "model_config.json").is_file():
             saved = json.loads((source / "model_config.json").read_text()); break
     if args.toy and not saved: saved = dict(vision_head_width=TOY_VISION.head_width)
@@ -195,14 +196,28 @@ def set_trainable(model: VisualRWKV, stage: int):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def next_token_losses(logits, labels):
+    """Cross-entropy of predicting labels[b, t+1] from logits[b, t] at the supervised positions only: (losses [M], b [M]).
+
+    Only the M supervised rows go through log-softmax, not all B x T x vocab logits (most positions are prompt and image).
+    """
+    targets = labels[:, 1:]                                                         # [B, T-1]
+    keep = targets != IGNORE_INDEX                                                  # [B, T-1]
+    rows = logits[:, :-1][keep].float()                                             # [M, vocab]
+    return F.cross_entropy(rows, targets[keep], reduction="none"), keep.nonzero()[:, 0]
+
+
 def sample_level_loss(logits, labels):
     """Appendix D: the mean next-token cross-entropy of each sample over its own supervised tokens, then their mean."""
-    B, T, _ = logits.shape
-    targets = labels[:, 1:]                                                         # [B, T-1]
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                         reduction="none").view(B, T - 1)                           # [B, T-1]
-    n = (targets != IGNORE_INDEX).sum(1)                                            # [B]
-    return (ce.sum(1)[n > 0] / n[n > 0]).mean()
+    losses, sample = next_token_losses(logits, labels)                              # [M], [M]
+    sums = losses.new_zeros(len(logits)).index_add(0, sample, losses)               # [B]
+    counts = torch.bincount(sample, minlength=len(logits))                          # [B]
+    return (sums[counts > 0] / counts[counts > 0]).mean()
+
+
+def batch_level_loss(logits, labels):
+    """Appendix D: the mean over every supervised token of the batch (longer samples weigh more)."""
+    return next_token_losses(logits, labels)[0].mean()
 
 
 # ---------------------------------------------------------------------------------------------------------- schedule
@@ -385,7 +400,7 @@ def main(argv=None):
               f"{args.micro_batch} x accumulation {gas} = batch {args.batch_size}; {total} steps; ZeRO {args.zero}; "
               f"{'bf16 on CUDA' if cuda else 'fp32 on the CPU'}; trainable {n_train:,} of {n_total:,} parameters; "
               f"{model.n_image_tokens} image tokens; loss reduced per {args.loss_reduction}")
-    loss_fn = sample_level_loss if args.loss_reduction == "sample" else next_token_loss
+    loss_fn = sample_level_loss if args.loss_reduction == "sample" else batch_level_loss
     reasons = Counter()
     metrics = open(out / "metrics.jsonl", "a" if args.resume_dir else "w") if rank == 0 else None
     window = dict(loss=0.0, micro=0, tokens=0.0, t0=time.time())

@@ -54,12 +54,12 @@ def test_toy_content(toy):
 
 
 def test_toy_image_shows_the_scene():
-    img = draw_toy_image("square", "red", "blue", "left", random.Random(0), size=64)
+    img = draw_toy_image("square", "red", "black", "left", random.Random(0), size=64)
     pixels = torch.from_numpy(np.array(img))                                 # [64, 64, 3]
     red = (pixels == torch.tensor([220, 40, 40])).all(-1)                      # [64, 64]
     assert red[:, :32].sum() > 100 and red[:, 32:].sum() == 0                  # the red square is in the left half
     with pytest.raises(ValueError, match="shape must be one of"):
-        draw_toy_image("hexagon", "red", "blue", "left", random.Random(0))
+        draw_toy_image("hexagon", "red", "black", "left", random.Random(0))
 
 
 @pytest.mark.parametrize("ctx_len", [9, 12, 13, 20, 40])
@@ -114,8 +114,8 @@ def test_jsonl_and_json_list_give_the_same_samples(toy, tmp_path):
 
 def bad_records(folder):
     (folder / "images").mkdir(exist_ok=True)
-    draw_toy_image("circle", "red", "blue", "left", random.Random(0), 32).save(folder / "images" / "ok.png")
-    draw_toy_image("circle", "red", "blue", "left", random.Random(0), 32).save(folder / "images" / "cut.png")
+    draw_toy_image("circle", "red", "black", "left", random.Random(0), 32).save(folder / "images" / "ok.png")
+    draw_toy_image("circle", "red", "black", "left", random.Random(0), 32).save(folder / "images" / "cut.png")
     data = (folder / "images" / "cut.png").read_bytes()
     (folder / "images" / "cut.png").write_bytes(data[:len(data) // 2])                  # truncated PNG
     (folder / "images" / "noise.png").write_bytes(b"definitely not an image")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from visualrwkv.data import make_toy_llava
-from visualrwkv.model import load_visualrwkv
+from visualrwkv.model import load_visualrwkv, next_token_loss
 from visualrwkv.prompts import IGNORE_INDEX
 from visualrwkv.rwkv import read_state_dict
 
@@ -26,14 +26,14 @@ spec.loader.exec_module(evaluate)
 COMMON = ["--toy", "--ctx-len", "128", "--batch-size", "8", "--micro-batch", "4", "--steps", "4", "--save-every", "2"]
 
 
-def torchrun(*args, timeout=240):
-    """Run scripts/train.py in 2 CPU processes; returns stdout + stderr, fails the test with them on a non-zero exit."""
+def torchrun(*args, timeout=240, expect_failure=False):
+    """Run scripts/train.py in 2 CPU processes; returns stdout + stderr, fails the test with them on an unexpected exit."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "scripts" / "train.py"), *map(str, args)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-6000:]
+    assert (done.returncode != 0) == expect_failure, log[-6000:]
     return log
 
 
@@ -115,6 +115,14 @@ def test_a_corrupt_image_does_not_stop_training(runs):
     assert "samples skipped" in logs["stage1"]
 
 
+def test_mostly_corrupt_images_stop_training_with_a_clear_error(tmp_path):
+    paths = make_toy_llava(tmp_path / "toy_data", n_samples=12, seed=1, n_eval=1)
+    for image in sorted(paths["images"].glob("*.png"))[:9]: image.write_bytes(b"not a png")
+    log = torchrun("--stage", 1, "--out", tmp_path / "run", "--data", paths["stage1"], "--toy", "--ctx-len", "128",
+                   "--batch-size", "4", "--micro-batch", "2", "--steps", "3", expect_failure=True)
+    assert "ValueError" in log and "samples are bad (more than 50%)" in log and "corrupt image" in log
+
+
 # ------------------------------------------------------------------ helpers, in this process
 def test_lr_schedule_warmup_then_cosine():
     lrs = [train.lr_at(s, 100, 1e-3, 1e-5, warmup=10) for s in range(101)]
@@ -138,6 +146,12 @@ def test_sample_level_loss_matches_a_float64_reference():
     torch.testing.assert_close(train.sample_level_loss(logits, labels).double(), expected, rtol=1e-6, atol=1e-6)
     alone = [train.sample_level_loss(logits[b:b + 1], labels[b:b + 1]) for b in range(B)]
     torch.testing.assert_close(train.sample_level_loss(logits, labels), torch.stack(alone).mean())
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(1).tolist()
+    batch_level = sum(per_sample[b] * n for b, n in enumerate(counts)) / sum(counts)   # every token weighs the same
+    torch.testing.assert_close(train.batch_level_loss(logits, labels).double(), batch_level, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(train.batch_level_loss(logits, labels), next_token_loss(logits, labels))
+    grad = torch.autograd.grad(train.sample_level_loss(logits.requires_grad_(), labels), logits)[0]
+    assert grad[labels.roll(-1, 1) == IGNORE_INDEX].abs().max() == 0                  # unsupervised rows get no gradient
 
 
 def test_skip_decisions_without_a_process_group():
