@@ -216,3 +216,24 @@ def test_question_only_baseline():
     rows = [dict(question="q1", reference="Red"), dict(question="q1", reference="red."),
             dict(question="q1", reference="Blue"), dict(question="q2", reference="Left")]
     assert evaluate.question_only_baseline(rows) == 3 / 4              # 'red' for q1 (2 of 3), 'left' for q2
+
+
+def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights_finite(tmp_path, monkeypatch):
+    """One process, in this interpreter: the 2nd micro-batch's loss is NaN; it is skipped, the run goes on."""
+    for key, value in dict(DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 1000)).items():
+        monkeypatch.setenv(key, value)
+    paths = make_toy_llava(tmp_path / "toy_data", n_samples=12, seed=2, n_eval=1)
+    calls, real_loss = [], train.sample_level_loss
+    def loss_with_a_nan(logits, labels):
+        calls.append(1)
+        loss = real_loss(logits, labels)
+        return loss * float("nan") if len(calls) == 2 else loss
+    monkeypatch.setattr(train, "sample_level_loss", loss_with_a_nan)
+    with pytest.warns(UserWarning, match="micro-batch 2 skipped on all processes \\(non-finite loss\\)"):
+        train.main(["--toy", "--stage", "2", "--out", str(tmp_path / "run"), "--data", str(paths["stage2"]),
+                    "--ctx-len", "128", "--batch-size", "2", "--micro-batch", "2", "--steps", "3", "--zero", "0"])
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["nonfinite"] == 1 and len(calls) == 4
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert all(torch.isfinite(v).all() for v in read_state_dict(tmp_path / "run" / "visualrwkv.pth").values())
