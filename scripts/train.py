@@ -262,29 +262,31 @@ def toy_data(args, rank):
 
 
 # ---------------------------------------------------------------------------------------------------------- state
+def optimizer_parts(opt):
+    """(kind, inner torch optimizer, fp32 master tensors) of the optimizer DeepSpeed built around our AdamW."""
+    if hasattr(opt, "single_partition_of_fp32_groups"):               # ZeRO 1/2: this rank's flat fp32 partition
+        return "zero", opt.optimizer, opt.single_partition_of_fp32_groups
+    if hasattr(opt, "fp32_groups_flat_partition"):                    # BF16_Optimizer
+        return "bf16", opt.optimizer, opt.fp32_groups_flat_partition
+    if hasattr(opt, "fp32_groups_flat"):                              # bf16 without ZeRO: FP16_Optimizer in bf16
+        return "fp16", opt.optimizer, opt.fp32_groups_flat
+    if isinstance(opt, torch.optim.Optimizer): return "torch", opt, []  # fp32 without ZeRO: our AdamW itself
+    raise ValueError(f"cannot save the state of DeepSpeed optimizer {type(opt).__name__}: use --zero 1 or 2")
+
+
 def optimizer_state(engine) -> dict:
-    """This rank's optimizer state as plain tensors/numbers: the inner torch AdamW, plus DeepSpeed's fp32 master copy."""
-    opt = engine.optimizer
-    if hasattr(opt, "single_partition_of_fp32_groups"):               # ZeRO 1/2: partitioned flat fp32 master
-        return {"kind": "zero", "base": opt.optimizer.state_dict(),
-                "master": [t.detach().cpu().clone() for t in opt.single_partition_of_fp32_groups]}
-    if hasattr(opt, "fp32_groups_flat_partition"):                    # bf16 without ZeRO: BF16_Optimizer
-        return {"kind": "bf16", "base": opt.optimizer.state_dict(),
-                "master": [t.detach().cpu().clone() for t in opt.fp32_groups_flat_partition]}
-    if isinstance(opt, torch.optim.Optimizer): return {"kind": "torch", "base": opt.state_dict(), "master": []}
-    raise ValueError(f"cannot save the state of optimizer {type(opt).__name__}")
+    """This rank's optimizer state as plain tensors/numbers: the inner AdamW's state dict and DeepSpeed's fp32 masters."""
+    kind, inner, masters = optimizer_parts(engine.optimizer)
+    return {"kind": kind, "base": inner.state_dict(), "master": [t.detach().cpu().clone() for t in masters]}
 
 
 def load_optimizer_state(engine, saved: dict):
-    current = optimizer_state(engine)
-    if saved["kind"] != current["kind"] or [t.shape for t in saved["master"]] != [t.shape for t in current["master"]]:
+    kind, inner, masters = optimizer_parts(engine.optimizer)
+    if saved["kind"] != kind or [tuple(t.shape) for t in saved["master"]] != [tuple(t.shape) for t in masters]:
         raise ValueError(f"--resume: the saved optimizer state ({saved['kind']}, master shapes "
-                         f"{[tuple(t.shape) for t in saved['master']]}) does not fit this run ({current['kind']}, "
-                         f"{[tuple(t.shape) for t in current['master']]}): use the same --zero and number of processes")
-    opt = engine.optimizer
-    if saved["kind"] == "torch": opt.load_state_dict(saved["base"]); return
-    opt.optimizer.load_state_dict(saved["base"])
-    masters = opt.single_partition_of_fp32_groups if saved["kind"] == "zero" else opt.fp32_groups_flat_partition
+                         f"{[tuple(t.shape) for t in saved['master']]}) does not fit this run ({kind}, "
+                         f"{[tuple(t.shape) for t in masters]}): use the same --zero and number of processes")
+    inner.load_state_dict(saved["base"])
     with torch.no_grad():
         for t, s in zip(masters, saved["master"]): t.copy_(s.to(t.device))
 
@@ -384,6 +386,7 @@ def main(argv=None):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
                                            model_parameters=trainable)
     scheduler = engine.lr_scheduler
+    optimizer_parts(engine.optimizer)                                  # an optimizer we cannot save fails now, not later
     progress = dict(step=0, micro=0, seen=0, skipped=0, nonfinite=0, empty=0)
     if args.resume_dir:
         state = read_train_state(args.resume_dir, rank, world, args)
