@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .prompts import (IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, IMAGE_POSITIONS, SHORT_ANSWER_HINT,
-                                _check_conversations, default_tokenizer, tokenize_conversation)
+                                check_conversations, default_tokenizer, tokenize_conversation)
 from .vision import clip_preprocess
 
 # %% ../nbs/14_data.ipynb #47f062e7
@@ -74,7 +74,7 @@ class BadSampleWarning(UserWarning):
 def conversation_problem(record) -> Optional[str]:
     "Why a record's conversation cannot be trained on, or None: malformed turns, no gpt turn, image without <image>."
     conversations = record.get("conversations")
-    try: _check_conversations(conversations)                              # the checks of tokenize_conversation
+    try: check_conversations(conversations)                              # the checks of tokenize_conversation
     except ValueError as e: return str(e)
     if not any(t["from"].lower() == "gpt" for t in conversations): return "conversations: no 'gpt' turn to learn from"
     has_token = any(IMAGE_TOKEN in t["value"] for t in conversations)

@@ -3,7 +3,8 @@
 # %% auto #0
 __all__ = ['IMAGE_TOKEN', 'IMAGE_TOKEN_INDEX', 'IGNORE_INDEX', 'STOP_TOKEN', 'STOP_TOKEN_INDEX', 'SHORT_ANSWER_HINT', 'ROLES',
            'IMAGE_POSITIONS', 'N_ASSISTANT_TOKENS', 'collapse_blank_lines', 'all_human_turns', 'place_image',
-           'turn_text', 'tokenize_with_image', 'turn_labels', 'default_tokenizer', 'tokenize_conversation']
+           'turn_text', 'tokenize_with_image', 'turn_labels', 'default_tokenizer', 'check_conversations',
+           'tokenize_conversation']
 
 # %% ../nbs/12_prompts.ipynb #650e8668
 import re
@@ -77,7 +78,7 @@ def default_tokenizer():
     from visualrwkv.tokenizer import WorldTokenizer
     return WorldTokenizer()
 
-def _check_conversations(conversations):
+def check_conversations(conversations):
     "ValueError naming the first malformed turn, or the extra images."
     if not isinstance(conversations, (list, tuple)) or not conversations:
         raise ValueError("conversations: expected a non-empty list of {'from', 'value'} dicts")
@@ -96,7 +97,7 @@ def tokenize_conversation(conversations, image_position: str = "middle", tokeniz
     "LLaVA `conversations` -> (input_ids, labels) lists, as VisualRWKV v6.0 builds them (Fig. 2; -200 image, -100 masked)."
     if image_position not in IMAGE_POSITIONS:
         raise ValueError(f"image_position must be one of {IMAGE_POSITIONS}, got {image_position!r}")
-    _check_conversations(conversations)
+    check_conversations(conversations)
     tokenizer = tokenizer or default_tokenizer()
     human_turns = all_human_turns(conversations) if image_position == "middle" else ""
     input_ids, labels = [], []
