@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from visualrwkv.data import LlavaDataset, check_bad_fraction, collate_llava, make_toy_llava
-from visualrwkv.model import VisualRWKV, load_visualrwkv, save_visualrwkv
+from visualrwkv.model import VisualRWKV, load_visualrwkv, next_token_loss, save_visualrwkv
 from visualrwkv.prompts import IGNORE_INDEX
 from visualrwkv.rwkv import RWKV6Config, load_rwkv6, randomize_, read_state_dict
 from visualrwkv.vision import (CLIPVisionTower, VisionConfig, build_projector, hf_clip_vision_to_open_clip, load_checked,
@@ -196,28 +195,14 @@ def set_trainable(model: VisualRWKV, stage: int):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def next_token_losses(logits, labels):
-    """Cross-entropy of predicting labels[b, t+1] from logits[b, t] at the supervised positions only: (losses [M], b [M]).
-
-    Only the M supervised rows go through log-softmax, not all B x T x vocab logits (most positions are prompt and image).
-    """
-    targets = labels[:, 1:]                                                         # [B, T-1]
-    keep = targets != IGNORE_INDEX                                                  # [B, T-1]
-    rows = logits[:, :-1][keep].float()                                             # [M, vocab]
-    return F.cross_entropy(rows, targets[keep], reduction="none"), keep.nonzero()[:, 0]
-
-
 def sample_level_loss(logits, labels):
     """Appendix D: the mean next-token cross-entropy of each sample over its own supervised tokens, then their mean."""
-    losses, sample = next_token_losses(logits, labels)                              # [M], [M]
-    sums = losses.new_zeros(len(logits)).index_add(0, sample, losses)               # [B]
-    counts = torch.bincount(sample, minlength=len(logits))                          # [B]
-    return (sums[counts > 0] / counts[counts > 0]).mean()
+    return next_token_loss(logits, labels, per_sample=True)
 
 
 def batch_level_loss(logits, labels):
     """Appendix D: the mean over every supervised token of the batch (longer samples weigh more)."""
-    return next_token_losses(logits, labels)[0].mean()
+    return next_token_loss(logits, labels)
 
 
 # ---------------------------------------------------------------------------------------------------------- schedule

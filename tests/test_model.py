@@ -66,6 +66,17 @@ def test_batched_equals_reference(scan, grid_size):
             torch.testing.assert_close(out.logits[b, :n], ref, atol=1e-10, rtol=0)
 
 
+def assert_logits_equal_alone(model, samples, images, out):
+    "Each sample's logits in the batched output `out` equal its logits when run alone; returns the solo outputs."
+    solos = []
+    for b, (ids, img) in enumerate(zip(samples, images)):
+        alone = model([ids], None if img is None else [img])
+        n = int(alone.mask.sum())
+        torch.testing.assert_close(out.logits[b, :n], alone.logits[0], atol=1e-10, rtol=0)
+        solos.append(alone)
+    return solos
+
+
 @pytest.mark.parametrize("scan", ["unidirectional", "bidirectional", "multidirectional"])
 @pytest.mark.parametrize("data_dependent", [True, False])
 def test_batched_equals_alone_logits_and_state(scan, data_dependent):
@@ -73,10 +84,7 @@ def test_batched_equals_alone_logits_and_state(scan, data_dependent):
     samples, images = make_samples(seed=5)
     with torch.no_grad():
         out = model(samples, images)
-        for b, (ids, img) in enumerate(zip(samples, images)):
-            alone = model([ids], None if img is None else [img])
-            n = int(alone.mask.sum())
-            torch.testing.assert_close(out.logits[b, :n], alone.logits[0], atol=1e-10, rtol=0)
+        for b, alone in enumerate(assert_logits_equal_alone(model, samples, images, out)):
             for layer_batch, layer_alone in zip(out.state, alone.state):
                 for t_batch, t_alone in zip(layer_batch, layer_alone):
                     torch.testing.assert_close(t_batch[b], t_alone[0], atol=1e-10, rtol=0)
@@ -218,10 +226,8 @@ def test_text_only_zero_image_batched_equals_alone_and_reference():
     N = model.n_image_tokens
     with torch.no_grad():
         out = model(samples, images)
-        for b, (ids, img) in enumerate(zip(samples, images)):
-            alone = model([ids], None if img is None else [img])
+        for ids, img, alone in zip(samples, images, assert_logits_equal_alone(model, samples, images, out)):
             n = int(alone.mask.sum())
-            torch.testing.assert_close(out.logits[b, :n], alone.logits[0], atol=1e-10, rtol=0)
             if img is None:
                 assert n == len(ids) + N
                 x = torch.cat([torch.zeros(N, 32, dtype=torch.float64), model.rwkv.emb(torch.tensor(ids))])[None]

@@ -139,11 +139,12 @@ class VisualOutput(NamedTuple):
 def next_token_loss(logits, labels, per_sample: bool = False):
     "Cross-entropy of labels[t+1] from logits[t] over labelled positions: token mean, or (per_sample) mean of sample means."
     targets = labels[:, 1:]                                                            # [B, T-1]
-    loss = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX,
-                           reduction="none")                                           # [B, T-1]
-    counts = (targets != IGNORE_INDEX).sum(1)                                          # [B]
-    if not per_sample: return loss.sum() / counts.sum().clamp(min=1)
-    return (loss.sum(1)[counts > 0] / counts[counts > 0]).mean()
+    keep = targets != IGNORE_INDEX                                                     # [B, T-1]
+    losses = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")  # [M]: only labelled rows
+    if not per_sample: return losses.sum() / keep.sum().clamp(min=1)
+    sums = losses.new_zeros(len(logits)).index_add(0, keep.nonzero()[:, 0], losses)  # [B]
+    counts = keep.sum(1)                                                               # [B]
+    return (sums[counts > 0] / counts[counts > 0]).mean()
 
 # %% ../nbs/13_visualrwkv.ipynb #a3825d99
 @torch.no_grad()
