@@ -4,7 +4,7 @@
 __all__ = ['RWKV6Config', 'LayerState', 'TimeMix', 'ChannelMix', 'Block', 'RWKV6', 'randomize_', 'read_state_dict',
            'write_state_dict', 'config_from_state_dict', 'check_state_dict', 'load_rwkv6', 'sample_logits', 'generate']
 
-# %% ../nbs/05_rwkv.ipynb #8e85d63e
+# %% ../nbs/05_rwkv.ipynb #e62c5b06
 import math, os
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -19,7 +19,7 @@ from .ddlerp import ddlerp
 from .decay import log_decay, init_time_decay
 from .wkv import wkv6
 
-# %% ../nbs/05_rwkv.ipynb #dcf287eb
+# %% ../nbs/05_rwkv.ipynb #aa0a24f1
 @dataclass
 class RWKV6Config:
     "Sizes of an RWKV-6 language model; `data_dependent=False` gives the RWKV-5 style recurrence (VisualRWKV-Base)."
@@ -40,14 +40,14 @@ class RWKV6Config:
     @property
     def n_head(self): return self.n_embd // self.head_size
 
-# %% ../nbs/05_rwkv.ipynb #3891a8b3
+# %% ../nbs/05_rwkv.ipynb #9021ac94
 class LayerState(NamedTuple):
     "One layer's recurrent state: time-mix last token [B, C], WKV state [B, H, K, V] (float32), channel-mix last token [B, C]."
     att_x: torch.Tensor
     wkv: torch.Tensor
     ffn_x: torch.Tensor
 
-# %% ../nbs/05_rwkv.ipynb #c35ad09d
+# %% ../nbs/05_rwkv.ipynb #b21a7539
 def _param(*shape): return nn.Parameter(torch.empty(*shape))
 
 class TimeMix(nn.Module):
@@ -97,7 +97,7 @@ class TimeMix(nn.Module):
         o = o.view(B, T, C).to(x.dtype)                                        # Eq. 3: per-head norm
         return self.output(o * g), last_real_token(x, mask), wkv_state
 
-# %% ../nbs/05_rwkv.ipynb #94fa8c9b
+# %% ../nbs/05_rwkv.ipynb #d03bcdb9
 class ChannelMix(nn.Module):
     "RWKV-6 channel mixing: sigmoid(r) * W_v relu(W_k x_k)^2, with token-shifted inputs."
     def __init__(self, cfg: RWKV6Config, layer_id: int):
@@ -115,7 +115,7 @@ class ChannelMix(nn.Module):
         out = torch.sigmoid(self.receptance(xr)) * self.value(torch.relu(self.key(xk)) ** 2)
         return out, last_real_token(x, mask)
 
-# %% ../nbs/05_rwkv.ipynb #7aeb18fe
+# %% ../nbs/05_rwkv.ipynb #dcfd0e60
 class Block(nn.Module):
     "x + TimeMix(ln1(x)), then x + ChannelMix(ln2(x)); block 0 first applies ln0 to its input."
     def __init__(self, cfg: RWKV6Config, layer_id: int):
@@ -134,7 +134,7 @@ class Block(nn.Module):
         h, ffn_x = self.ffn(self.ln2(x), ffn_x, mask)
         return x + h, LayerState(att_x, wkv, ffn_x)
 
-# %% ../nbs/05_rwkv.ipynb #df374317
+# %% ../nbs/05_rwkv.ipynb #15bf7f51
 @torch.no_grad()
 def _init_time_mix(att: TimeMix, n_layer: int):
     cfg, l = att.cfg, att.layer_id
@@ -167,7 +167,7 @@ def _init_channel_mix(ffn: ChannelMix, layer_id: int, n_layer: int):
     nn.init.orthogonal_(ffn.key.weight, gain=math.sqrt(ffn.key.weight.shape[0] / C))
     ffn.receptance.weight.zero_(); ffn.value.weight.zero_()
 
-# %% ../nbs/05_rwkv.ipynb #f9eb264e
+# %% ../nbs/05_rwkv.ipynb #898d7890
 class RWKV6(nn.Module):
     "The RWKV-6 language model: embedding, blocks, ln_out, head (official x060 parameter names)."
     def __init__(self, cfg: RWKV6Config):
@@ -207,7 +207,7 @@ class RWKV6(nn.Module):
         logits, state = self.forward_embeds(self.emb(idx[:, None]), state)
         return logits[:, 0], state
 
-# %% ../nbs/05_rwkv.ipynb #42c171e8
+# %% ../nbs/05_rwkv.ipynb #1a669592
 @torch.no_grad()
 def randomize_(model: nn.Module, seed=0, scale=0.5):
     "Fill every parameter with random values (for tests and demos): weights ~ N(0, scale^2/fan_in), decays in range."
@@ -219,7 +219,7 @@ def randomize_(model: nn.Module, seed=0, scale=0.5):
         else: p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if name.endswith("weight") else 0.1 * torch.randn(p.shape, generator=g))
     return model
 
-# %% ../nbs/05_rwkv.ipynb #2a133d57
+# %% ../nbs/05_rwkv.ipynb #dc13b68c
 def read_state_dict(path):
     "Tensors from a `.pth` (opened with weights_only=True: no pickled code runs) or `.safetensors` file."
     path = Path(path)
@@ -243,7 +243,7 @@ def write_state_dict(sd, path):
     else: torch.save(sd, tmp)
     os.replace(tmp, path)
 
-# %% ../nbs/05_rwkv.ipynb #85bf0fe8
+# %% ../nbs/05_rwkv.ipynb #6c03a383
 def _shape(sd, key):
     if key not in sd: raise ValueError(f"not an RWKV-6 checkpoint: missing {key!r}")
     return tuple(sd[key].shape)
@@ -263,14 +263,15 @@ def config_from_state_dict(sd, **overrides):
         kw.update(lora_mix=_shape(sd, "blocks.0.att.time_maa_w1")[1] // 5, lora_decay=_shape(sd, "blocks.0.att.time_decay_w1")[1])
     return RWKV6Config(**{**kw, **overrides})
 
-# %% ../nbs/05_rwkv.ipynb #6b16c5e7
+# %% ../nbs/05_rwkv.ipynb #29717411
 def check_state_dict(model: nn.Module, sd: dict, what="checkpoint"):
     "Raise one ValueError naming every missing, unexpected or misshapen tensor (shapes may differ only by size-1 dims)."
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     problems = [f"missing {k!r} (expected shape {s})" for k, s in want.items() if k not in sd]
     problems += [f"unexpected {k!r} (shape {tuple(sd[k].shape)})" for k in sd if k not in want]
+    squeezed = lambda shape: [d for d in shape if d != 1]
     problems += [f"{k!r} has shape {tuple(sd[k].shape)}, expected {s}" for k, s in want.items()
-                 if k in sd and sd[k].numel() != math.prod(s) or k in sd and [d for d in sd[k].shape if d != 1] != [d for d in s if d != 1]]
+                 if k in sd and squeezed(sd[k].shape) != squeezed(s)]
     if problems: raise ValueError(f"{what} does not fit the model:\n  " + "\n  ".join(problems))
     return {k: sd[k].reshape(want[k]) for k in want}
 
@@ -283,7 +284,7 @@ def load_rwkv6(path_or_state_dict, dtype=None, **config_overrides):
     model.load_state_dict(sd, assign=True)
     return model.to(dtype) if dtype is not None else model
 
-# %% ../nbs/05_rwkv.ipynb #f61bf5a4
+# %% ../nbs/05_rwkv.ipynb #0628ade5
 def sample_logits(logits, temperature=1.0, top_p=1.0, generator=None):
     "Next token ids [B] from logits [B, vocab]: greedy at temperature 0, else softmax sampling within the top-p mass."
     if temperature == 0: return logits.argmax(-1)
