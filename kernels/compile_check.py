@@ -17,7 +17,7 @@ from triton.compiler import ASTSource
 
 from visualrwkv_kernels import wkv6 as W
 
-IO_POINTERS = {"r_ptr", "k_ptr", "v_ptr", "w_ptr", "do_ptr", "o_ptr"}   # in the input dtype; the rest are fp32
+IO_POINTERS = {"r_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr"}   # in the input dtype; the rest (logw too) are fp32
 MODES = {"fp32": 0, "bf16": 1, "fp16": 2}
 
 

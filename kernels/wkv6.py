@@ -317,8 +317,11 @@ def _check_inputs(r, k, v, logw, u, state):
     for name, x in (("k", k), ("v", v), ("logw", logw)):
         if x.shape != r.shape:
             raise ValueError(f"wkv6_triton: {name} must have r's shape {tuple(r.shape)}, got {tuple(x.shape)}")
+    for name, x in (("k", k), ("v", v)):
         if x.dtype != r.dtype:
             raise ValueError(f"wkv6_triton: {name} must have r's dtype {r.dtype}, got {x.dtype}")
+    if logw.dtype != torch.float32:
+        raise ValueError(f"wkv6_triton: logw must be float32 (its cumulative sums need the precision), got {logw.dtype}")
     if r.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"wkv6_triton: dtype must be float32, bfloat16 or float16, got {r.dtype}")
     B, T, H, K = r.shape
@@ -364,7 +367,7 @@ class WKV6Triton(torch.autograd.Function):
                                    WRITE_FINAL=NS == 1, **meta, num_warps=_fwd_warps(K))
         ctx.save_for_backward(r, k, v, logw, u32, starts, sT, decay)
         ctx.seg, ctx.meta, ctx.has_state = (NS, seg_len), meta, state is not None
-        ctx.dtypes = (u.dtype, None if state is None else state.dtype)
+        ctx.dtypes = (logw.dtype, u.dtype, None if state is None else state.dtype)
         return o, sT
 
     @staticmethod
@@ -400,15 +403,18 @@ class WKV6Triton(torch.autograd.Function):
         _bwd_dkvw_kernel[grid](r, k, v, logw, u32, do, dr, g_end.contiguous(), z_end, dk, dv, dw, du,
                                ds0 if ds0 is not None else sT, T, NS, seg_len, B * T * H * K, BK=BK,
                                NEED_DS0=ds0 is not None, **meta)
-        dt, (u_dtype, s_dtype) = r.dtype, ctx.dtypes
+        dt, (w_dtype, u_dtype, s_dtype) = r.dtype, ctx.dtypes
         ds0 = None if ds0 is None else ds0.to(s_dtype)
-        return (dr.to(dt), dk.to(dt), dv.sum(0).to(dt), dw.to(dt), du.sum((0, 2)).to(u_dtype), ds0, None, None)
+        return (dr.to(dt), dk.to(dt), dv.sum(0).to(dt), dw.to(w_dtype), du.sum((0, 2)).to(u_dtype), ds0, None, None)
 
 
 def wkv6_triton(r, k, v, logw, u, state=None):
     """WKV6 (Eq. 9) with Triton kernels: r, k, v, logw [B, T, H, K], u [H, K], state [B, H, K, V] or None.
 
-    Returns (o [B, T, H, V] in the input dtype, final state [B, H, K, V] float32); differentiable in every input.
+    r, k, v share one dtype (float32, bfloat16 or float16); logw is float32 whatever r's dtype, as in BlinkDL's RWKV-6
+    CUDA op: its cumulative sums inside a chunk need 24 mantissa bits, and it is never rounded to 16. u and the state
+    may have any float dtype (read as float32). Returns (o [B, T, H, V] in r's dtype, final state [B, H, K, V]
+    float32); differentiable in every input, each gradient in its input's dtype.
     """
     _check_inputs(r, k, v, logw, u, state)
     with _on_device(r.device):

@@ -52,7 +52,7 @@ def run_both(inputs, grads, dtype, with_state, loss_on_state=True, seg_chunks=No
     when given, else one segment on the CPU) and of the float64 recurrence."""
     r, k, v, logw, u, state = inputs
     do, dstate = grads
-    low = [x.to(dtype) for x in (r, k, v, logw)]
+    low = [x.to(dtype) for x in (r, k, v)] + [logw.float()]                # the contract: logw stays float32
     results = []
     for cast in (lambda x: x, lambda x: x.double()):
         xs = [cast(x).detach().requires_grad_() for x in low] + [cast(u).detach().requires_grad_()]
@@ -75,6 +75,7 @@ def assert_matches(got, want, dtype):
     tol = TOL[dtype]
     (o, sT, g_got), (o_ref, sT_ref, g_ref) = got, want
     assert o.dtype == dtype and sT.dtype == torch.float32
+    assert [g.dtype for g in g_got[:4]] == [dtype] * 3 + [torch.float32], "each gradient in its input's dtype"
     errs = {"o": rel_err(o, o_ref), "final state": rel_err(sT, sT_ref)}
     errs.update({f"d{n}": rel_err(a, b, g_ref[1].norm()) for n, a, b in zip(NAMES, g_got, g_ref)})
     for name, a in zip(NAMES, g_got):
@@ -183,7 +184,9 @@ def test_offsets_switch_to_64_bit_at_2_pow_31_elements():
 
 @pytest.mark.parametrize("change,match", [
     (lambda a: {**a, "k": a["k"][:, :-1]}, "k must have r's shape"),
-    (lambda a: {**a, "logw": a["logw"].double()}, "logw must have r's dtype"),
+    (lambda a: {**a, "logw": a["logw"].double()}, "logw must be float32"),
+    (lambda a: {**a, **{n: a[n].bfloat16() for n in "rkv"}, "logw": a["logw"].bfloat16()}, "logw must be float32"),
+    (lambda a: {**a, "v": a["v"].bfloat16()}, "v must have r's dtype"),
     (lambda a: {**a, "u": a["u"][:, :8]}, "u must be"),
     (lambda a: {**a, "state": a["state"][:, :, :8]}, "state must be"),
     (lambda a: {k: (x[..., :8] if x.dim() == 4 else x) for k, x in a.items()}, "head size K"),
