@@ -25,6 +25,7 @@ import torch
 from visualrwkv.data import BadSample, BadSampleWarning, conversation_problem, load_image, read_llava_records
 from visualrwkv.model import generate, load_visualrwkv
 from visualrwkv.prompts import STOP_TOKEN_INDEX, default_tokenizer, tokenize_conversation
+from visualrwkv.rwkv import pick_dtype
 
 NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 ARTICLES = {"a", "an", "the"}
@@ -76,8 +77,7 @@ def load_model(args):
     for key in ("grid_size", "scan", "image_position", "vision_head_width"):
         if getattr(args, key) is not None: cfg[key] = getattr(args, key)
     model = load_visualrwkv(args.model, **cfg)
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    return model.to(args.device, dtype).eval()
+    return model.to(args.device, pick_dtype(args.device)).eval()
 
 
 def main(argv=None):

@@ -11,7 +11,8 @@ embedded toy dataset, so the whole path runs on a CPU in minutes:
 
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 scripts/train.py --toy --stage 1 --out runs/toy/stage1
 
-bf16 on CUDA, fp32 on the CPU (gloo). Every `--save-every` steps and at the end, rank 0 writes the model in the official
+`--precision auto` trains in bf16 on CUDA cards that have it (Ampere and later) and in fp32 elsewhere (the CPU, older
+cards); `--precision bf16` forces DeepSpeed's bf16 mode, on the CPU too. The log-decay and the WKV state stay float32. Every `--save-every` steps and at the end, rank 0 writes the model in the official
 VisualRWKV-v060 layout (`visualrwkv.pth`) and every rank writes its resumable training state (optimizer, scheduler,
 step, data position, RNG) as plain tensors and numbers, readable with `torch.load(weights_only=True)`; `--resume`
 continues from it. A non-finite loss, or a micro-batch whose samples were all bad, is skipped on every rank together.
@@ -35,7 +36,8 @@ import torch.distributed as dist
 from visualrwkv.data import LlavaDataset, check_bad_fraction, collate_llava, make_toy_llava
 from visualrwkv.model import VisualRWKV, load_visualrwkv, next_token_loss, save_visualrwkv
 from visualrwkv.prompts import IGNORE_INDEX
-from visualrwkv.rwkv import RWKV6Config, load_rwkv6, randomize_, read_state_dict
+from visualrwkv.rwkv import RWKV6Config, load_rwkv6, pick_dtype, randomize_, read_state_dict
+from visualrwkv.wkv import IMPLS
 from visualrwkv.vision import (CLIPVisionTower, VisionConfig, build_projector, hf_clip_vision_to_open_clip, load_checked,
                                load_open_clip_vision, vision_config_from_state_dict)
 
@@ -81,6 +83,9 @@ def parse_args(argv=None):
     o.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
     o.add_argument("--grad-clip", type=float, default=1.0)
     o.add_argument("--zero", type=int, default=1, choices=(0, 1, 2), help="DeepSpeed ZeRO stage")
+    o.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 on CUDA cards with bf16, fp32 elsewhere")
+    o.add_argument("--wkv-impl", choices=IMPLS, help="force one WKV implementation (default: by device and length)")
     o.add_argument("--loss-reduction", choices=("sample", "batch"), default="sample", help="Appendix D")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
@@ -213,7 +218,13 @@ def lr_at(step: int, total: int, lr: float, lr_end: float, warmup: int = 0) -> f
     return lr_end + 0.5 * (lr - lr_end) * (1 + math.cos(math.pi * progress))
 
 
-def ds_config(args, world: int, cuda: bool) -> dict:
+def train_dtype(args, cuda: bool) -> torch.dtype:
+    """The dtype DeepSpeed trains in: --precision, or for `auto` what the device supports (`pick_dtype`)."""
+    if args.precision == "auto": return pick_dtype(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+
+
+def ds_config(args, world: int, dtype: torch.dtype) -> dict:
     """The DeepSpeed config built from the command line."""
     if args.batch_size % (args.micro_batch * world):
         raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} "
@@ -221,7 +232,8 @@ def ds_config(args, world: int, cuda: bool) -> dict:
     return {"train_batch_size": args.batch_size, "train_micro_batch_size_per_gpu": args.micro_batch,
             "gradient_accumulation_steps": args.batch_size // (args.micro_batch * world),
             "gradient_clipping": args.grad_clip, "zero_optimization": {"stage": args.zero},
-            "zero_allow_untested_optimizer": True, "bf16": {"enabled": cuda}, "steps_per_print": 10 ** 9}
+            "zero_allow_untested_optimizer": True, "bf16": {"enabled": dtype == torch.bfloat16},
+            "steps_per_print": 10 ** 9}
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -347,6 +359,8 @@ def main(argv=None):
     cfg = model_config(args)
     init_path = args.resume_dir / "visualrwkv.pth" if args.resume_dir else args.init
     model = build_model(args, cfg, init_path)
+    if args.wkv_impl: model.rwkv.cfg.wkv_impl = args.wkv_impl
+    dtype = train_dtype(args, cuda)
     trainable = set_trainable(model, args.stage)
     if rank == 0: (out / "model_config.json").write_text(json.dumps(cfg, indent=1))
 
@@ -361,7 +375,7 @@ def main(argv=None):
     if rank != 0: dataset = make_dataset()
 
     if len(dataset) == 0: raise ValueError(f"{data_path}: no samples")
-    config = ds_config(args, world, cuda)
+    config = ds_config(args, world, dtype)
     gas = config["gradient_accumulation_steps"]
     micro_per_epoch = len(epoch_batches(len(dataset), 0, args.seed, rank, world, args.micro_batch))
     total = args.steps or max(1, math.ceil(args.epochs * micro_per_epoch / gas))
@@ -386,7 +400,7 @@ def main(argv=None):
     n_total = sum(p.numel() for p in model.parameters())
     log(rank, f"stage {args.stage}: {len(dataset)} samples from {data_path}; {world} processes x micro-batch "
               f"{args.micro_batch} x accumulation {gas} = batch {args.batch_size}; {total} steps; ZeRO {args.zero}; "
-              f"{'bf16 on CUDA' if cuda else 'fp32 on the CPU'}; trainable {n_train:,} of {n_total:,} parameters; "
+              f"{str(dtype).removeprefix('torch.')} on {'CUDA' if cuda else 'the CPU'}; trainable {n_train:,} of {n_total:,} parameters; "
               f"{model.n_image_tokens} image tokens; loss reduced per {args.loss_reduction}")
     loss_fn = sample_level_loss if args.loss_reduction == "sample" else batch_level_loss
     reasons = Counter()

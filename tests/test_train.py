@@ -173,10 +173,12 @@ def test_epoch_batches_cover_the_data_evenly(n, world, micro):
 def test_ds_config_and_argument_errors():
     args = train.parse_args(["--toy", "--stage", "2", "--out", "x", "--batch-size", "12", "--micro-batch", "2"])
     assert (args.lr, args.lr_end, args.epochs) == (6e-5, 1.5e-5, 2.0)              # Table 6, 1.6B fine-tuning
-    cfg = train.ds_config(args, world=2, cuda=False)
+    cfg = train.ds_config(args, world=2, dtype=torch.float32)
     assert cfg["gradient_accumulation_steps"] == 3 and cfg["bf16"]["enabled"] is False
     assert cfg["zero_optimization"]["stage"] == 1 and cfg["gradient_clipping"] == 1.0
-    with pytest.raises(ValueError, match="not a multiple of --micro-batch"): train.ds_config(args, world=5, cuda=False)
+    assert train.ds_config(args, world=2, dtype=torch.bfloat16)["bf16"]["enabled"] is True
+    with pytest.raises(ValueError, match="not a multiple of --micro-batch"):
+        train.ds_config(args, world=5, dtype=torch.float32)
     with pytest.raises(SystemExit): train.parse_args(["--stage", "1", "--out", "x"])          # no weights given
 
 
