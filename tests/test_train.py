@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from visualrwkv.data import make_toy_llava
-from visualrwkv.model import load_visualrwkv, next_token_loss
+from visualrwkv.model import load_visualrwkv, next_token_loss, visualrwkv_state_dict
 from visualrwkv.prompts import IGNORE_INDEX
 from visualrwkv.rwkv import read_state_dict
 
@@ -239,3 +239,29 @@ def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights_finite(tmp_path,
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["nonfinite"] == 1 and len(calls) == 4
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert all(torch.isfinite(v).all() for v in read_state_dict(tmp_path / "run" / "visualrwkv.pth").values())
+
+
+def test_one_bf16_step_through_the_kernel_equals_float32(tmp_path):
+    """The trainer's GPU path on the CPU: DeepSpeed's bf16 mode with the Triton WKV kernel (TRITON_INTERPRET=1) takes
+    the same first step as float32 through the chunked form: the same loss to bf16 precision and the same update of
+    the weights to within 10% of its size (Adam's first step is lr * sign(g) where g is not tiny)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    one_step = ["--toy", "--stage", "2", "--toy-samples", "16", "--ctx-len", "96", "--batch-size", "2",
+                "--micro-batch", "2", "--steps", "1", "--lr", "1e-2"]
+    for name, precision, impl in (("bf16", "bf16", "triton"), ("fp32", "fp32", "chunked")):
+        done = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *one_step, "--out", tmp_path / name,
+                               "--precision", precision, "--wkv-impl", impl], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        assert f"{'bfloat16' if name == 'bf16' else 'float32'} on the CPU" in done.stdout
+    (bf16,), (fp32,) = metrics(tmp_path / "bf16"), metrics(tmp_path / "fp32")
+    assert abs(bf16["loss"] - fp32["loss"]) < 1e-3 * fp32["loss"]
+    args = train.parse_args(one_step + ["--out", str(tmp_path / "init")])
+    args.resume_dir = None
+    init = visualrwkv_state_dict(train.build_model(args, train.model_config(args)))
+    after = {name: read_state_dict(tmp_path / name / "visualrwkv.pth") for name in ("bf16", "fp32")}
+    assert after["bf16"]["rwkv.head.weight"].dtype == torch.bfloat16
+    keys = [k for k in init if not k.startswith("vit.")]                           # the tower is frozen
+    step = {name: torch.cat([(sd[k].double() - init[k].double()).flatten() for k in keys]) for name, sd in after.items()}
+    assert step["fp32"].norm() > 1
+    assert (step["bf16"] - step["fp32"]).norm() < 0.1 * step["fp32"].norm()
