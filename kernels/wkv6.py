@@ -287,13 +287,19 @@ def _needs_int64(*sizes):
     return any(n >= INT32_LIMIT for n in sizes)
 
 
-def _segment_chunks(B, H, T, device):
-    """Chunks per segment: enough segments that B*H*NS programs fill the GPU about twice, one segment on the CPU."""
+def _segment_chunks(B, H, T, n_sm):
+    """Chunks per segment: enough segments that B*H*NS programs fill a GPU of n_sm SMs about twice (segments of at
+    least 8 chunks); one segment on the CPU (n_sm None)."""
     n_chunks = triton.cdiv(T, CHUNK)
-    if device.type != "cuda":
+    if n_sm is None:
         return n_chunks
-    want = triton.cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count, B * H)
+    want = triton.cdiv(2 * n_sm, B * H)
     return max(triton.cdiv(n_chunks, want), 8)
+
+
+def _sm_count(device):
+    """Streaming multiprocessors of a CUDA device; None on the CPU."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
 def _fwd_warps(K):
@@ -344,7 +350,7 @@ class WKV6Triton(torch.autograd.Function):
     def forward(ctx, r, k, v, logw, u, state, seg_chunks=None, force_int64=False):
         B, T, H, K = r.shape
         r, k, v, logw = (x.contiguous() for x in (r, k, v, logw))
-        seg_chunks = max(seg_chunks or _segment_chunks(B, H, T, r.device), 1)
+        seg_chunks = max(seg_chunks or _segment_chunks(B, H, T, _sm_count(r.device)), 1)
         seg_len = seg_chunks * CHUNK
         NS = max(triton.cdiv(T, seg_len), 1)
         u32 = u.float().contiguous()

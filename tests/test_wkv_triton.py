@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from visualrwkv_kernels import wkv6_triton
-from visualrwkv_kernels.wkv6 import WKV6Triton, _interpreted, _needs_int64
+from visualrwkv_kernels import wkv6 as wkv6_module
+from visualrwkv_kernels.wkv6 import WKV6Triton, _dot_mode, _interpreted, _needs_int64, _segment_chunks
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 NAMES = ("r", "k", "v", "logw", "u", "state")
@@ -175,6 +176,25 @@ def test_64bit_offsets_equal_32bit_offsets():
         outs.append([o, sT] + [x.grad for x in xs])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("B,H,T,n_sm,segments", [
+    (8, 32, 4096, 132, 2),      # 256 chunks; cdiv(264, 256) = 2 segments wanted, of 128 chunks
+    (1, 32, 24576, 132, 9),     # 1536 chunks; cdiv(264, 32) = 9 wanted -> 171 chunks each -> cdiv(1536, 171) = 9
+    (1, 4, 1000, 132, 8),       # 63 chunks; 66 wanted, but segments keep at least 8 chunks -> cdiv(63, 8) = 8
+    (2, 3, 1000, None, 1),      # the CPU: one segment
+])
+def test_segments_fill_the_gpu_twice(B, H, T, n_sm, segments):
+    """The GPU's choice of segment length, worked by hand for a 132-SM H100/H200, forced here without a GPU."""
+    seg_chunks = _segment_chunks(B, H, T, n_sm)
+    assert -(-T // (seg_chunks * 16)) == segments
+
+
+def test_bf16_products_use_bf16_tensor_cores_when_compiled(monkeypatch):
+    """Compiled for a GPU, bf16 inputs take the bf16 tl.dot (mode 1); the interpreter emulates it (mode 3)."""
+    assert _dot_mode(torch.bfloat16) == 3
+    monkeypatch.setattr(wkv6_module, "_interpreted", lambda: False)
+    assert [_dot_mode(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == [0, 1, 2]
 
 
 def test_offsets_switch_to_64_bit_at_2_pow_31_elements():
