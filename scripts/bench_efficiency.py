@@ -26,6 +26,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import json
+import os
 import statistics
 import sys
 import time
@@ -272,19 +273,17 @@ def measure_point(kind, model, batch, ctx, args, device, bandwidth):
     return point
 
 
-def measure_model(kind, model, args, device, bandwidth):
-    "Every (batch, length) point of one model, after one untimed prefill that compiles and warms up its kernels."
+def measure_model(kind, model, args, device, bandwidth, record):
+    "Every (batch, length) point of one model, each passed to record(), after one untimed prefill that warms it up."
     prefill_and_decoder(kind, model, torch.zeros(1, min(args.lengths), dtype=torch.long, device=device),
                         min(args.lengths) + 1)
-    points = []
     for batch in args.batches:
         for ctx in args.lengths:
-            try: points.append(measure_point(kind, model, batch, ctx, args, device, bandwidth))
-            except torch.cuda.OutOfMemoryError:
-                points.append(dict(model=kind, batch=batch, ctx=ctx, error="out of memory"))
+            try: point = measure_point(kind, model, batch, ctx, args, device, bandwidth)
+            except torch.cuda.OutOfMemoryError: point = dict(model=kind, batch=batch, ctx=ctx, error="out of memory")
             if device.type == "cuda": gc.collect(); torch.cuda.empty_cache()
-            print(f"{kind:>5} B={batch} T={ctx}: " + progress(points[-1]), flush=True)
-    return points
+            print(f"{kind:>5} B={batch} T={ctx}: " + progress(point), flush=True)
+            record(point)
 
 
 # ------------------------------------------------------------------------------------------------------------ report
@@ -385,17 +384,24 @@ def device_name(device):
     return f"cpu ({torch.get_num_threads()} thread(s))"
 
 
-def run(args):
+def write_json(report, out: Path):
+    "DIR/efficiency.json, replaced atomically; rewritten after every point, so a run cut short keeps what it measured."
+    tmp = out / "efficiency.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, out / "efficiency.json")
+
+
+def run(args, out: Path):
     "Both models on the preset's device, one after the other, with the preset's CPU threads (restored afterwards)."
     threads, wanted = torch.get_num_threads(), PRESETS[args.preset]["cpu_threads"]
     try:
         if wanted: torch.set_num_threads(wanted)
-        return measure_all(args)
+        return measure_all(args, out)
     finally: torch.set_num_threads(threads)
 
 
 @torch.no_grad()
-def measure_all(args):
+def measure_all(args, out: Path):
     preset = PRESETS[args.preset]
     device, dtype = torch.device(preset["device"]), getattr(torch, preset["dtype"])
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -406,26 +412,29 @@ def measure_all(args):
                   preset=args.preset, lengths=args.lengths, batches=args.batches, steps=args.steps, warmup=args.warmup,
                   rwkv_config=asdict(rwkv_cfg), llama_config=preset["llama"], prefill_input=PREFILL_INPUT,
                   memory=MEMORY_MEANING[device.type], cuda_graphs="used" if device.type == "cuda" else NO_GRAPHS_ON_CPU,
-                  copy_bandwidth_GBps=copy_bandwidth(device) / 1e9, params={}, points=[])
+                  copy_bandwidth_GBps=copy_bandwidth(device) / 1e9, params={}, points=[], comparisons=[])
+
+    def record(point):
+        report["points"].append(point)
+        report["comparisons"] = comparisons(report["points"])
+        write_json(report, out)
     for kind, build in (("rwkv", lambda: build_rwkv(rwkv_cfg, device, dtype)),
                         ("llama", lambda: build_llama(preset["llama"], device, dtype))):
         model = build()                                   # one model on the device at a time
         report["params"][kind] = n_params(model)
         print(f"{kind}: {report['params'][kind]:,} parameters", flush=True)
-        report["points"] += measure_model(kind, model, args, device, report["copy_bandwidth_GBps"] * 1e9)
+        measure_model(kind, model, args, device, report["copy_bandwidth_GBps"] * 1e9, record)
         del model
         if device.type == "cuda": gc.collect(); torch.cuda.empty_cache()
-    report["comparisons"] = comparisons(report["points"])
     return report
 
 
 def main(argv=None):
     args = parse_args(argv)
-    report = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    report = run(args, out)
     print_tables(report)
-    (out / "efficiency.json").write_text(json.dumps(report, indent=1))
     plot(report, out)
     print(f"wrote {out / 'efficiency.json'}, {out / 'latency.png'}, {out / 'memory.png'}")
     return report

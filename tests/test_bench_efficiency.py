@@ -150,3 +150,15 @@ def test_llama_decode_step_on_the_static_cache_equals_the_full_forward():
     outs, fed = greedy_continuation(step, first, 6)
     full = model(torch.cat([ids, fed], 1)).logits                              # no cache: plain causal attention
     torch.testing.assert_close(outs, full[:, 29:], atol=1e-4, rtol=1e-4)
+
+
+def test_a_run_cut_short_keeps_the_points_it_measured(tmp_path, monkeypatch):
+    measured = bench.measure_point
+    def rwkv_only(kind, *args):
+        if kind == "llama": raise RuntimeError("cut short")
+        return measured(kind, *args)
+    monkeypatch.setattr(bench, "measure_point", rwkv_only)
+    with pytest.raises(RuntimeError, match="cut short"):
+        bench.main(["--preset", "tiny", "--out", str(tmp_path), "--lengths", "64,128", "--batches", "1", "--steps", "2"])
+    report = json.loads((tmp_path / "efficiency.json").read_text())
+    assert [(p["model"], p["ctx"]) for p in report["points"]] == [("rwkv", 64), ("rwkv", 128)]
