@@ -8,17 +8,19 @@ depends on how many tokens were read, not on what they were. The vision tower (t
 and LLaVA-1.5) runs once per image in the prefill and its weights would add the same constant to both memories.
 
 Decoding (median ms per token over `--steps` steps after `--warmup`): RWKV6.step on state buffers written in place; the
-Llama forward on a transformers `StaticCache` of T + (every decode step the point runs) tokens. On CUDA each step is
-also captured once as a CUDA graph and replayed; the eager numbers stand beside the graph numbers. Memory on CUDA is the
-peak allocated while decoding, after the prefill (peak statistics reset): weights + state or KV cache + decode
-activations and the graph's pool. The bytes-moved floor per token: weights read (the input embedding only its B rows),
-plus the RWKV state read and written, or the KV cache read at T, over a device copy bandwidth measured in the same run.
+Llama forward on a transformers `StaticCache` holding T + every decode step the point runs, rounded up to a multiple
+of 16 (transformers 5 keeps its position on the device, so a step replays). On CUDA each step is also captured once as
+a CUDA graph and replayed; the eager numbers stand beside the graph numbers. Memory on CUDA is the peak allocated
+while decoding, after the prefill (peak statistics reset): weights + state or KV cache + decode activations and the
+graph's pool; on the CPU, the bytes of the weights and the state or KV cache. The bytes-moved floor per token: weights
+read (the input embedding only its B rows), plus the RWKV state read and written, or the KV cache read at T, over a
+device copy bandwidth measured in the same run.
 
     python scripts/bench_efficiency.py --preset gpu --out runs/gpu_check/efficiency   # 1.6B shapes, bf16, one CUDA GPU
     python scripts/bench_efficiency.py --preset tiny --out runs/efficiency_tiny        # tiny models, fp32, CPU, seconds
 
 The gpu preset (5 lengths up to 24,576, batch 1 and 8, 20 timed steps) is estimated, not yet measured, at about two
-minutes on one H200. Writes DIR/efficiency.json, DIR/latency.png and DIR/memory.png.
+minutes on one H200. Writes DIR/efficiency.json (rewritten after every point), DIR/latency.png and DIR/memory.png.
 """
 import argparse
 import gc
@@ -85,7 +87,7 @@ MEMORY_MEANING = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
     p.add_argument("--out", default="runs/efficiency", help="folder for efficiency.json, latency.png, memory.png")
     p.add_argument("--lengths", help="comma-separated context lengths (default: the preset's)")
