@@ -51,7 +51,7 @@ def ensure_importable():
 
 ensure_importable()
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache          # noqa: E402
-from visualrwkv.rwkv import RWKV6, LayerState, RWKV6Config                   # noqa: E402
+from visualrwkv.rwkv import RWKV6, RWKV6Config                                # noqa: E402
 
 # the cache keyword of the Llama forward: `cache` from transformers 5.24 on, `past_key_values` before
 CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
@@ -135,7 +135,7 @@ def rwkv_prefill(lm: RWKV6, ids):
     state = []
     for block in lm.blocks:
         x, s = block(x)
-        state.append(LayerState(*(t.clone() for t in s)))     # own copies: att_x, ffn_x are views into activations
+        state.append(s)                                                         # its own tensors, no views into x
     return lm.head(lm.ln_out(x[:, -1])), state                                  # [B, vocab]
 
 

@@ -15,7 +15,7 @@ def token_shift(x, last=None):
 # %% ../nbs/00_token_shift.ipynb #2b36f47e
 def last_real_token(x, mask=None):
     "The last non-padding token of every row of x [B, T, C]; `mask` [B, T] is True on real tokens (right padding)."
-    if mask is None: return x[:, -1]
+    if mask is None: return x[:, -1].clone()      # a copy: a view would keep all of x alive inside the state
     lengths = mask.sum(dim=1)                                                   # [B]
     if (lengths == 0).any(): raise ValueError("mask: every sequence needs at least one real token")
     return x[torch.arange(x.shape[0], device=x.device), lengths - 1]            # [B, C]
