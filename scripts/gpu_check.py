@@ -28,9 +28,10 @@ the exit code is 1 if any part failed. `--cpu` runs every part that can run with
 for the GPU: bf16 tensor-core dots, CUDA memory counters, NCCL, the timings and the 1.6B shape).
 
 On the GPU machine (no network, torch and triton preinstalled): run `bash scripts/gpu_wheels.sh` here, carry `.whl`,
-and run this one line in the repository root (it installs the wheels and this project into /tmp/site):
+and run this one line in the repository root. It installs the wheels into /tmp/site; this project is not installed
+there but imported from the checkout (`ensure_importable`, as kernels/bench_wkv.py and bench_efficiency.py do):
 
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl . && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit; python3 scripts/gpu_check.py 2>&1 | tee $OUT/gpu_check.log; rc=${PIPESTATUS[0]}; tar -czf $OUT/gpu_check.tgz -C runs gpu_check; exit $rc
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit; python3 scripts/gpu_check.py 2>&1 | tee $OUT/gpu_check.log; rc=${PIPESTATUS[0]}; tar -czf $OUT/gpu_check.tgz -C runs gpu_check; exit $rc
 """
 import argparse
 import collections
@@ -429,10 +430,11 @@ PARTS = {"a": ("wkv_kernel", part_kernel, 150), "b": ("bench_wkv", part_bench_wk
 
 
 def stream(cmd, prefix, env=None, timeout=None):
-    """Run cmd in its own process group, echoing its output; (exit code, None after a timeout; the last lines)."""
+    """Run cmd, echoing its output; (exit code, None after a timeout; the last lines). With a timeout it runs in a
+    process group of its own, which the timeout kills whole (a part and the benchmark it started)."""
     tail = collections.deque(maxlen=80)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
-                            start_new_session=True)
+                            start_new_session=timeout is not None)
 
     def pump():
         for line in proc.stdout:
@@ -472,12 +474,26 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def ensure_importable():
+    """Import `visualrwkv` and `visualrwkv_kernels` (the folder kernels/, see setup.py) from this checkout where they
+    are not installed, as on the GPU machine, which gets only the wheels."""
+    import importlib.util
+    if importlib.util.find_spec("visualrwkv") is None:
+        sys.path.insert(0, str(ROOT))
+    if importlib.util.find_spec("visualrwkv_kernels") is None:
+        spec = importlib.util.spec_from_file_location("visualrwkv_kernels", ROOT / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "kernels")])
+        sys.modules["visualrwkv_kernels"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+
+
 def run_part(letter, args):
     """In the part's own process: run it, catch any exception, write its JSON."""
     name, fn, _ = PARTS[letter]
     t0 = time.perf_counter()
     result = {"part": letter, "name": name, "mode": "cpu" if args.cpu else "cuda"}
     try:
+        ensure_importable()
         result.update(environment(args.cpu))
         if f"{letter}:exit" in args.inject_failure:
             os._exit(3)                                                 # a crash: no JSON from this process

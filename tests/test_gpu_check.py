@@ -82,3 +82,11 @@ def test_failed_and_crashed_parts_are_reported_and_the_rest_still_runs(tmp_path)
     assert b["status"] == "ok"                                          # ran after a's failure
     assert c["status"] == "FAIL" and "exited with code 3 without a report" in c["summary"]
     assert [table_row(result.stdout, x)[2] for x in "abcd"] == ["FAIL", "ok", "FAIL", "skipped"]
+
+
+def test_a_part_that_outlives_the_budget_is_killed_and_reported(tmp_path):
+    result = run_check(tmp_path, "--parts", "c,a", "--budget", "12", timeout=60)
+    assert result.returncode != 0
+    c, a = report(tmp_path, "c"), report(tmp_path, "a")
+    assert c["status"] == "FAIL" and c["summary"] == "timed out after 12 s" and c["seconds"] < 20
+    assert a["status"] == "FAIL" and a["summary"] == "not run: the --budget of 12 s was used up"
