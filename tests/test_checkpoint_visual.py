@@ -5,7 +5,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from visualrwkv.model import load_visualrwkv, save_visualrwkv, visualrwkv_state_dict
 from visualrwkv.prompts import IMAGE_TOKEN_INDEX
-from visualrwkv.rwkv import RWKV6, RWKV6Config, randomize_
+from visualrwkv.rwkv import RWKV6, RWKV6Config, load_rwkv6, randomize_
 
 W, LAYERS, N_EMBD = 32, 2, 48
 
@@ -108,15 +108,36 @@ def test_not_a_visualrwkv_checkpoint():
 
 
 def test_hybrid_round_trip(tmp_path):
+    """The official hybrid's keys (VisualRWKV v5.2 src/model.py:219-223 and 256-257): rwkv.blocks.L.tiny_att.tiny_ln,
+    tiny_q, tiny_k, tiny_v ([d, C]) and tiny_o ([C, d]); tiny_att_dim and tiny_att_layer are read off them."""
     sd, _ = official_checkpoint(6)
     g = torch.Generator().manual_seed(0)
-    sd.update({"tiny_att.ln.weight": torch.rand(N_EMBD, generator=g), "tiny_att.ln.bias": torch.rand(N_EMBD, generator=g),
-               "tiny_att.q.weight": torch.randn(8, N_EMBD, generator=g), "tiny_att.k.weight": torch.randn(8, N_EMBD, generator=g),
-               "tiny_att.v.weight": torch.randn(N_EMBD, N_EMBD, generator=g)})
+    d, L = 32, 1
+    sd.update({f"rwkv.blocks.{L}.tiny_att.tiny_ln.weight": torch.rand(N_EMBD, generator=g),
+               f"rwkv.blocks.{L}.tiny_att.tiny_ln.bias": torch.rand(N_EMBD, generator=g),
+               f"rwkv.blocks.{L}.tiny_att.tiny_q.weight": torch.randn(d, N_EMBD, generator=g),
+               f"rwkv.blocks.{L}.tiny_att.tiny_k.weight": torch.randn(d, N_EMBD, generator=g),
+               f"rwkv.blocks.{L}.tiny_att.tiny_v.weight": torch.randn(d, N_EMBD, generator=g),
+               f"rwkv.blocks.{L}.tiny_att.tiny_o.weight": torch.randn(N_EMBD, d, generator=g)})
     model = load_visualrwkv(sd, vision_head_width=8)
-    assert model.tiny_att.dim == 8
-    torch.testing.assert_close(model.tiny_att.k.weight, sd["tiny_att.k.weight"], rtol=0, atol=0)
+    assert (model.rwkv.cfg.tiny_att_dim, model.rwkv.cfg.tiny_att_layer) == (d, L)
+    assert model.tiny_att is model.rwkv.blocks[L].tiny_att and model.tiny_att.head_size == 16
+    torch.testing.assert_close(model.rwkv.blocks[L].tiny_att.tiny_k.weight, sd[f"rwkv.blocks.{L}.tiny_att.tiny_k.weight"],
+                               rtol=0, atol=0)
     save_visualrwkv(model, tmp_path / "hybrid.safetensors")
     again = visualrwkv_state_dict(load_visualrwkv(tmp_path / "hybrid.safetensors", vision_head_width=8))
     assert sorted(again) == sorted(k for k in sd if not k.endswith("position_ids"))
     for k, v in again.items(): torch.testing.assert_close(v, sd[k], rtol=0, atol=0)
+    with torch.no_grad(): out = model([[1, 2, IMAGE_TOKEN_INDEX, 3], [4, 5]], [torch.randn(3, 28, 28), None])
+    assert torch.isfinite(out.logits).all() and out.state[L].tiny.k.shape == (2, d // 16, 3 + 17, 16)
+    lm = load_rwkv6({k[len("rwkv."):]: v for k, v in sd.items() if k.startswith("rwkv.")})   # the language model alone
+    assert lm.blocks[L].tiny_att is not None and lm.blocks[0].tiny_att is None
+
+
+def test_hybrid_checkpoint_refusals():
+    sd, _ = official_checkpoint(7)
+    extra = {f"rwkv.blocks.{L}.tiny_att.tiny_q.weight": torch.zeros(16, N_EMBD) for L in (0, 2)}
+    with pytest.raises(ValueError, match="tiny attention in more than one block"): load_visualrwkv({**sd, **extra})
+    part = {"rwkv.blocks.2.tiny_att.tiny_q.weight": torch.zeros(16, N_EMBD)}
+    with pytest.raises(ValueError) as err: load_visualrwkv({**sd, **part}, vision_head_width=8)
+    assert "missing 'rwkv.blocks.2.tiny_att.tiny_o.weight'" in str(err.value)

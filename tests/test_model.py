@@ -1,10 +1,11 @@
 """VisualRWKV: a batch gives each sample exactly its own result; scans equal a simple per-sample float64 reference."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from visualrwkv.model import VisualRWKV, build_batch, generate, next_token_loss, visual_forward_embeds
 from visualrwkv.prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from visualrwkv.rwkv import RWKV6Config, randomize_
+from visualrwkv.rwkv import HybridLayerState, RWKV6Config, TinyAttention, randomize_
 from visualrwkv.scans import patch_order, layer_order
 from visualrwkv.vision import VisionConfig
 
@@ -162,25 +163,60 @@ def test_bad_model_choices_are_named():
     with pytest.raises(ValueError, match="does not divide"): VisualRWKV(cfg, VIS, grid_size=3)
 
 
-def make_hybrid(seed=0, scan="bidirectional"):
+def make_hybrid(seed=0, scan="bidirectional", layer=None):
     base = make_model(scan, grid_size=2, seed=seed)
-    model = VisualRWKV(base.rwkv.cfg, VIS, grid_size=2, scan=scan, tiny_att_dim=6).double()
+    model = VisualRWKV(base.rwkv.cfg, VIS, grid_size=2, scan=scan, tiny_att_dim=16, tiny_att_layer=layer).double()
     state = base.state_dict()
     g = torch.Generator().manual_seed(seed + 1)
-    state.update({f"tiny_att.{k}": torch.randn(v.shape, generator=g, dtype=v.dtype) * 0.1
-                  for k, v in model.tiny_att.state_dict().items()})
+    state.update({k: torch.randn(v.shape, generator=g, dtype=v.dtype) * 0.3 for k, v in model.state_dict().items()
+                  if ".tiny_att." in k})
     model.load_state_dict(state)
     return model
 
 
-def tiny_attention_reference(att, x, x_emb):
-    "Appendix I as a float64 double loop over one sequence [T, C]."
-    h = att.ln(x)
-    q, k, v = att.q(h), att.k(h), att.v(x_emb)
-    out = x.clone()
-    for t in range(len(x)):
-        for s in range(t + 1): out[t] += (q[t] @ k[s]) / att.dim ** 0.5 * v[s]
-    return out
+def official_tiny_attention(att, x):
+    """VisualRWKV v5.2 src/model.py:225-234 (TinyAttention.forward), written out: LN, q/k/v of tiny_att_dim split into
+    heads of head_size_a, causal softmax attention (F.scaled_dot_product_attention, is_causal=True), tiny_o."""
+    B, T, C = x.shape
+    n_head = att.dim // att.head_size
+    xx = F.layer_norm(x, (C,), att.tiny_ln.weight, att.tiny_ln.bias)
+    q = (xx @ att.tiny_q.weight.T).view(B, T, n_head, att.head_size).transpose(1, 2)
+    k = (xx @ att.tiny_k.weight.T).view(B, T, n_head, att.head_size).transpose(1, 2)
+    v = (xx @ att.tiny_v.weight.T).view(B, T, n_head, att.head_size).transpose(1, 2)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=True)
+    y = y.transpose(1, 2).contiguous().view(B, T, att.dim)
+    return y @ att.tiny_o.weight.T
+
+
+def test_tiny_attention_equals_official_formula():
+    g = torch.Generator().manual_seed(3)
+    att = TinyAttention(32, 16, head_size=8).double()
+    with torch.no_grad():
+        for p in att.parameters(): p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+        x = torch.randn(3, 9, 32, generator=g, dtype=torch.float64)
+        y, cache = att(x)
+        torch.testing.assert_close(y, official_tiny_attention(att, x), atol=1e-12, rtol=0)
+        assert cache.k.shape == (3, 2, 9, 8) and cache.mask.all()
+        y2, _ = att(x[:, 5:], cache=att(x[:, :5])[1])                       # RNN mode: the rest through the cache
+        torch.testing.assert_close(y2, y[:, 5:], atol=1e-12, rtol=0)
+        mask = torch.arange(9)[None] < torch.tensor([9, 4, 6])[:, None]       # right padding
+        y_pad, _ = att(x, mask)
+        for b, n in enumerate([9, 4, 6]):
+            torch.testing.assert_close(y_pad[b, :n], official_tiny_attention(att, x[b:b + 1, :n])[0], atol=1e-12, rtol=0)
+
+
+def test_tiny_attention_ends_its_block():
+    "The official Block (v5.2 src/model.py:263-284): x + att, x + ffn, then x + tiny_att(x) in block tiny_att_layer only."
+    model = make_hybrid(seed=5, layer=2)
+    plain = make_model("bidirectional", grid_size=2, seed=5)
+    assert [b.tiny_att is not None for b in model.rwkv.blocks] == [False, False, True, False]
+    assert model.tiny_att is model.rwkv.blocks[2].tiny_att and plain.tiny_att is None
+    x = torch.randn(2, 7, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h_plain, _ = plain.rwkv.blocks[2](x)
+        h, state = model.rwkv.blocks[2](x)
+        torch.testing.assert_close(h, h_plain + official_tiny_attention(model.tiny_att, h_plain), atol=1e-12, rtol=0)
+    assert isinstance(state, HybridLayerState) and state.tiny.k.shape == (2, 2, 7, 8)
 
 
 def test_hybrid_batched_equals_reference_and_alone():
@@ -188,28 +224,21 @@ def test_hybrid_batched_equals_reference_and_alone():
     samples, images = make_samples(seed=43)
     with torch.no_grad():
         out = model(samples, images)
-        batch = build_batch(model, samples, images)
         for b, (ids, img) in enumerate(zip(samples, images)):
             n = int(out.mask[b].sum())
-            # reference: the plain model's hidden state, then the tiny attention loop, then the head
-            plain = VisualRWKV(model.rwkv.cfg, VIS, grid_size=2, scan="multidirectional").double()
-            plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("tiny_att.")})
-            hidden = []
-            plain.rwkv.ln_out.register_forward_hook(lambda mod, inp, o: hidden.append(inp[0]))
-            plain([ids], None if img is None else [img])
-            x_emb = batch.embeds[b, :n]
-            y = tiny_attention_reference(model.tiny_att, hidden[0][0], x_emb)
-            ref = model.rwkv.head(model.rwkv.ln_out(y))
-            torch.testing.assert_close(out.logits[b, :n], ref, atol=1e-10, rtol=0)
+            torch.testing.assert_close(out.logits[b, :n], reference_logits(model, ids, img), atol=1e-10, rtol=0)
             alone = model([ids], None if img is None else [img])
-            cache_b, cache_alone = out.state[-1], alone.state[-1]
+            cache_b, cache_alone = out.state[-1].tiny, alone.state[-1].tiny
             real = cache_b.mask[b]
-            torch.testing.assert_close(cache_b.k[b][real], cache_alone.k[0], atol=1e-10, rtol=0)
-            torch.testing.assert_close(cache_b.v[b][real], cache_alone.v[0], atol=1e-10, rtol=0)
+            torch.testing.assert_close(cache_b.k[b][:, real], cache_alone.k[0], atol=1e-10, rtol=0)
+            torch.testing.assert_close(cache_b.v[b][:, real], cache_alone.v[0], atol=1e-10, rtol=0)
+        plain = make_model("multidirectional", grid_size=2, seed=41)
+        assert (plain(samples, images).logits - out.logits).abs().max() > 1e-3          # the attention does something
 
 
-def test_hybrid_state_continues_the_sequence():
-    model = make_hybrid(seed=47)
+@pytest.mark.parametrize("layer", [1, 3])
+def test_hybrid_state_continues_the_sequence(layer):
+    model = make_hybrid(seed=47, layer=layer)
     samples, images = make_samples(seed=53)
     tail = [[1, 2, 3], [4], [5, 6], [7, 8, 9], [10]]
     with torch.no_grad():
@@ -219,19 +248,48 @@ def test_hybrid_state_continues_the_sequence():
             torch.testing.assert_close(second.logits[b, :len(tail[b])], full.logits[0, -len(tail[b]):], atol=1e-10, rtol=0)
 
 
-def test_text_only_zero_image_batched_equals_alone_and_reference():
-    model = make_model("bidirectional", grid_size=2, seed=61)
+def test_hybrid_generate_equals_parallel_and_alone():
+    model = make_hybrid(seed=59)
+    samples, images = make_samples(seed=61)
+    new = generate(model, samples, images, max_new_tokens=4, stop_token=-1)
+    for b in range(len(samples)):
+        img = None if images[b] is None else [images[b]]
+        assert torch.equal(generate(model, [samples[b]], img, max_new_tokens=4, stop_token=-1)[0], new[b])
+        with torch.no_grad(): full = model([samples[b] + new[b, :-1].tolist()], img).logits[0]
+        assert torch.equal(full[-4:].argmax(-1), new[b])
+
+
+def official_bidirectional_forward(model, x, img_start, img_end):
+    """VisualRWKV v6.0 src/model.py:408-431 (bidirectional_forward), for one sample x [1, T, C]: flip x[:, img_start:img_end]
+    before and after every odd block, then ln_out and head."""
+    x = x.clone()
+    for i, block in enumerate(model.rwkv.blocks):
+        if i % 2 == 1: x[:, img_start:img_end] = x[:, img_start:img_end].flip(1)
+        x, _ = block(x)
+        if i % 2 == 1: x[:, img_start:img_end] = x[:, img_start:img_end].flip(1)
+    return model.rwkv.head(model.rwkv.ln_out(x))
+
+
+@pytest.mark.parametrize("grid_size", [-1, 2, 0])
+def test_text_only_zero_image_batched_equals_alone_and_official(grid_size):
+    """A text-only sample gets the official v6.0 sequence: N zero image tokens (model.py:527-529 zeroes the image
+    features, CLS included), then its text, with img_start = 0 and img_end = N - 1 (model.py:519-521 for a sample
+    alone), scanned like an image."""
+    model = make_model("bidirectional", grid_size=grid_size, seed=61)
     model.text_only_zero_image = True
     samples, images = make_samples(seed=67)
     N = model.n_image_tokens
     with torch.no_grad():
         out = model(samples, images)
         for ids, img, alone in zip(samples, images, assert_logits_equal_alone(model, samples, images, out)):
-            n = int(alone.mask.sum())
-            if img is None:
-                assert n == len(ids) + N
-                x = torch.cat([torch.zeros(N, 32, dtype=torch.float64), model.rwkv.emb(torch.tensor(ids))])[None]
-                torch.testing.assert_close(alone.logits, model.rwkv.forward_embeds(x)[0], atol=1e-10, rtol=0)
+            if img is not None: continue
+            assert int(alone.mask.sum()) == len(ids) + N
+            x = torch.cat([torch.zeros(N, 32, dtype=torch.float64), model.rwkv.emb(torch.tensor(ids))])[None]
+            torch.testing.assert_close(alone.logits, official_bidirectional_forward(model, x, 0, N - 1), atol=1e-10, rtol=0)
+        if N > 2:                                                  # the scan matters: unscanned zeros give other logits
+            ids = samples[1]
+            x = torch.cat([torch.zeros(N, 32, dtype=torch.float64), model.rwkv.emb(torch.tensor(ids))])[None]
+            assert (model([ids], [None]).logits - model.rwkv.forward_embeds(x)[0]).abs().max() > 1e-4
 
 
 def test_training_learns_from_the_image():

@@ -2,27 +2,29 @@
 
 # %% auto #0
 __all__ = ['VisualRWKV', 'VisualBatch', 'build_batch', 'visual_forward_embeds', 'VisualOutput', 'next_token_loss', 'generate',
-           'visualrwkv_state_dict', 'save_visualrwkv', 'load_visualrwkv', 'TinyAttentionCache', 'TinyAttention']
+           'visualrwkv_state_dict', 'save_visualrwkv', 'load_visualrwkv']
 
 # %% ../nbs/13_visualrwkv.ipynb #6ba6d1c2
+import dataclasses
 from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rwkv import (RWKV6, RWKV6Config, check_state_dict, config_from_state_dict, read_state_dict,
-                             sample_logits, write_state_dict)
+from .rwkv import (RWKV6, RWKV6Config, HybridLayerState, TinyAttention, TinyAttentionCache, check_state_dict,
+                             config_from_state_dict, read_state_dict, sample_logits, write_state_dict)
 from .vision import (CLIPVisionTower, VisionConfig, build_projector, grid_pool, hf_clip_vision_to_open_clip,
                                n_pooled_tokens, open_clip_to_hf_clip_vision, vision_config_from_state_dict)
 from .scans import SCAN_MODES, apply_scan, batch_scan_permutation, layer_order, undo_scan
 from .prompts import IGNORE_INDEX, IMAGE_POSITIONS, IMAGE_TOKEN_INDEX, tokenize_conversation
+
 
 # %% ../nbs/13_visualrwkv.ipynb #85f70a96
 class VisualRWKV(nn.Module):
     "Vision tower + grid pooling + projector + RWKV-6 (Fig. 2), with a per-layer image scan (Fig. 4)."
     def __init__(self, lm: RWKV6Config, vision: VisionConfig = VisionConfig(), grid_size: int = -1,
                  scan: str = "bidirectional", image_position: str = "middle", tiny_att_dim: int = 0,
-                 text_only_zero_image: bool = False):
+                 text_only_zero_image: bool = False, tiny_att_layer: Optional[int] = None):
         super().__init__()
         if scan not in SCAN_MODES: raise ValueError(f"scan must be one of {SCAN_MODES}, got {scan!r}")
         if image_position not in IMAGE_POSITIONS:
@@ -31,12 +33,19 @@ class VisualRWKV(nn.Module):
         if grid_size > 1 and vision.grid % grid_size:
             raise ValueError(f"grid_size {grid_size} does not divide the patch grid {vision.grid}")
         self.grid_size, self.scan, self.image_position = grid_size, scan, image_position
-        self.text_only_zero_image = text_only_zero_image        # official v6.0 training: zeros before text-only samples
+        self.text_only_zero_image = text_only_zero_image        # official v6.0 training: a zero image before text-only samples
         self.patch_grid = {-1: vision.grid, 0: 0}.get(grid_size, grid_size)
+        if tiny_att_dim > 0:                                    # Appendix I (below): the tiny attention of one block
+            layer = lm.n_layer - 1 if tiny_att_layer is None else tiny_att_layer
+            lm = dataclasses.replace(lm, tiny_att_dim=tiny_att_dim, tiny_att_layer=layer)
         self.rwkv = RWKV6(lm)
         self.vit = CLIPVisionTower(vision)
         self.proj = build_projector(vision.width, lm.n_embd)
-        self.tiny_att = TinyAttention(lm.n_embd, tiny_att_dim) if tiny_att_dim > 0 else None   # Appendix I, below
+
+    @property
+    def tiny_att(self) -> Optional[TinyAttention]:
+        "The hybrid's tiny attention (in block `tiny_att_layer` of the language model), or None."
+        return next((b.tiny_att for b in self.rwkv.blocks if b.tiny_att is not None), None)
 
     def encode_images(self, images):
         "images [B, 3, S, S] -> image tokens [B, N, C]: tower, grid pooling, projector (CLS last)."
@@ -53,9 +62,10 @@ class VisualRWKV(nn.Module):
         logits, new_state = visual_forward_embeds(self, batch.embeds, batch.mask, batch.image_starts, state)
         return VisualOutput(logits, batch.mask, batch.labels, new_state)
 
+
 # %% ../nbs/13_visualrwkv.ipynb #d911b21b
 class VisualBatch(NamedTuple):
-    "A right-padded batch: embeds [B, T, C], mask [B, T] (True = real), first patch position per sample, labels [B, T]."
+    "A right-padded batch: embeds [B, T, C], mask [B, T] (True = real), first image position per sample (or None), labels [B, T]."
     embeds: torch.Tensor
     mask: torch.Tensor
     image_starts: list
@@ -106,13 +116,13 @@ def build_batch(model: VisualRWKV, input_ids, images=None, labels=None) -> Visua
             if k is not None: lab = torch.cat([lab[:k], lab.new_full((N,), IGNORE_INDEX), lab[k + 1:]])
             else: lab = torch.cat([lab.new_full((n_zero,), IGNORE_INDEX), lab])
             out_labels[b, :lengths[b]] = lab
-    return VisualBatch(embeds, mask, where, out_labels)
+    image_starts = [0 if k is None and n_zero else k for k in where]           # the zero image is scanned like an image
+    return VisualBatch(embeds, mask, image_starts, out_labels)
 
 # %% ../nbs/13_visualrwkv.ipynb #1bd15383
 def visual_forward_embeds(model: VisualRWKV, x, mask=None, image_starts=None, state=None):
-    "Embeddings x [B, T, C] through the scanned RWKV layers (and the hybrid's tiny attention) -> (logits, state list)."
+    "Embeddings x [B, T, C] through the scanned RWKV layers (the hybrid's tiny attention inside its block) -> (logits, states)."
     B, T, _ = x.shape
-    x_emb = x
     image_starts = [None] * B if image_starts is None else image_starts
     new_state = []
     for i, block in enumerate(model.rwkv.blocks):
@@ -123,10 +133,8 @@ def visual_forward_embeds(model: VisualRWKV, x, mask=None, image_starts=None, st
         x, s = block(x, None if state is None else state[i], mask)
         if scanned: x = undo_scan(x, perm)
         new_state.append(s)
-    if model.tiny_att is not None:
-        x, cache = model.tiny_att(x, x_emb, mask, None if state is None else state[-1])
-        new_state.append(cache)
     return model.rwkv.head(model.rwkv.ln_out(x)), new_state
+
 
 # %% ../nbs/13_visualrwkv.ipynb #844f0322
 class VisualOutput(NamedTuple):
@@ -167,11 +175,10 @@ def generate(model: VisualRWKV, input_ids, images=None, max_new_tokens=16, tempe
 
 # %% ../nbs/13_visualrwkv.ipynb #80a1fa4c
 def visualrwkv_state_dict(model: VisualRWKV) -> dict:
-    "The model's tensors in the official VisualRWKV-v060 layout: rwkv.*, vit.vision_model.* (HF), proj.weight."
+    "The model's tensors in the official VisualRWKV layout: rwkv.* (the hybrid's rwkv.blocks.L.tiny_att.* too), vit.vision_model.* (HF), proj.weight."
     sd = {f"rwkv.{k}": v for k, v in model.rwkv.state_dict().items()}
     sd.update({f"vit.{k}": v for k, v in open_clip_to_hf_clip_vision(model.vit.visual.state_dict()).items()})
     sd["proj.weight"] = model.proj.weight
-    if model.tiny_att is not None: sd.update({f"tiny_att.{k}": v for k, v in model.tiny_att.state_dict().items()})
     return sd
 
 def save_visualrwkv(model: VisualRWKV, path):
@@ -191,7 +198,7 @@ def _check_layout(expected: dict, given: dict, what: str):
 def load_visualrwkv(path_or_state_dict, grid_size: int = -1, scan: str = "bidirectional", image_position: str = "middle",
                     vision_head_width: int = 64, quick_gelu: bool = True, text_only_zero_image: bool = False, dtype=None,
                     **lm_overrides) -> VisualRWKV:
-    "A VisualRWKV with the weights of an official VisualRWKV-v060 checkpoint (path or state dict)."
+    "A VisualRWKV with the weights of an official VisualRWKV-v060 checkpoint, or a hybrid's (path or state dict)."
     sd = path_or_state_dict if isinstance(path_or_state_dict, dict) else read_state_dict(path_or_state_dict)
     for part in ("rwkv.", "vit.vision_model.", "proj.weight"):
         if not any(k.startswith(part) for k in sd): raise ValueError(f"not a VisualRWKV checkpoint: no '{part}*' tensors")
@@ -200,46 +207,12 @@ def load_visualrwkv(path_or_state_dict, grid_size: int = -1, scan: str = "bidire
                                          unknown_ok=True)
     lm_cfg = config_from_state_dict(lm_sd, **lm_overrides)
     vis_cfg = vision_config_from_state_dict(vit_sd, vision_head_width, quick_gelu)
-    tiny_att_dim = sd["tiny_att.q.weight"].shape[0] if "tiny_att.q.weight" in sd else 0
-    with torch.device("meta"):
-        model = VisualRWKV(lm_cfg, vis_cfg, grid_size, scan, image_position, tiny_att_dim, text_only_zero_image)
+    with torch.device("meta"):                              # a hybrid's tiny attention comes with lm_cfg
+        model = VisualRWKV(lm_cfg, vis_cfg, grid_size, scan, image_position, 0, text_only_zero_image)
     given = {k: v for k, v in sd.items() if k != "vit.vision_model.embeddings.position_ids"}
     _check_layout(visualrwkv_state_dict(model), given, "VisualRWKV checkpoint")
     model.rwkv.load_state_dict(check_state_dict(model.rwkv, lm_sd), assign=True)
     model.vit.visual.load_state_dict(check_state_dict(model.vit.visual, vit_sd), assign=True)
     model.proj.load_state_dict({"weight": sd["proj.weight"]}, assign=True)
-    if model.tiny_att is not None:
-        model.tiny_att.load_state_dict({k[len("tiny_att."):]: v for k, v in sd.items() if k.startswith("tiny_att.")}, assign=True)
     model.vit.requires_grad_(False)
     return model.to(dtype) if dtype is not None else model
-
-# %% ../nbs/13_visualrwkv.ipynb #4f91a13f
-class TinyAttentionCache(NamedTuple):
-    "Past keys [B, S, d], values W_v e [B, S, C] and their mask [B, S] (True = real token)."
-    k: torch.Tensor
-    v: torch.Tensor
-    mask: torch.Tensor
-
-class TinyAttention(nn.Module):
-    "Appendix I: causal attention on top of the RWKV blocks, q/k of size `dim`, values from the input embeddings, no FFN."
-    def __init__(self, n_embd: int, dim: int):
-        super().__init__()
-        self.dim = dim
-        self.ln = nn.LayerNorm(n_embd)
-        self.q = nn.Linear(n_embd, dim, bias=False)
-        self.k = nn.Linear(n_embd, dim, bias=False)
-        self.v = nn.Linear(n_embd, n_embd, bias=False)
-
-    def forward(self, x, x_emb, mask=None, cache: Optional[TinyAttentionCache] = None):
-        "x, x_emb [B, T, C] -> (x + attention [B, T, C], cache of all keys and values so far)."
-        B, T, _ = x.shape
-        h = self.ln(x)
-        q, k, v = self.q(h), self.k(h), self.v(x_emb)                           # [B, T, d], [B, T, d], [B, T, C]
-        mask = torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask
-        if cache is not None:
-            k, v, mask = torch.cat([cache.k, k], 1), torch.cat([cache.v, v], 1), torch.cat([cache.mask, mask], 1)
-        S = k.shape[1]                                                            # cached + new positions
-        causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # new token t sees positions <= S-T+t
-        scores = (q @ k.transpose(1, 2)) * self.dim ** -0.5                       # [B, T, S]
-        scores = scores.masked_fill(~(causal & mask[:, None, :]), 0)
-        return x + scores @ v, TinyAttentionCache(k, v, mask)
