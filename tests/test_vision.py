@@ -122,3 +122,25 @@ def test_preprocess_matches_hf_clip_image_processor(size):
     diff = (ours - theirs).abs()
     assert ours.shape == (3, 336, 336)
     assert diff.max() <= 1 / 255 / min(OPENAI_DATASET_STD) + 1e-6 and diff.mean() < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA", "LA"])
+def test_preprocess_converts_to_rgb_before_resizing(mode):
+    """The official dataset opens images with `Image.open(...).convert('RGB')` and then runs the HF processor
+    (VisualRWKV v6.0 src/dataset.py:202-207): our tensor equals the processor's on img.convert('RGB')."""
+    import numpy as np
+    from PIL import Image
+    from open_clip.constants import OPENAI_DATASET_STD
+    from transformers import CLIPImageProcessor
+    from visualrwkv.vision import clip_preprocess
+    proc = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    rng = np.random.default_rng(2)
+    channels = {"P": 3, "RGBA": 4, "LA": 2}[mode]
+    img = Image.fromarray(rng.integers(0, 256, (400, 500, channels), dtype=np.uint8), mode=None if mode == "P" else mode)
+    if mode == "P": img = img.quantize(colors=16)
+    assert img.mode == mode
+    ours = clip_preprocess()(img)
+    theirs = torch.tensor(proc(images=img.convert("RGB"), return_tensors="np")["pixel_values"][0])
+    diff = (ours - theirs).abs()
+    assert ours.shape == (3, 336, 336)
+    assert diff.max() <= 1 / 255 / min(OPENAI_DATASET_STD) + 1e-6 and diff.mean() < 1e-3

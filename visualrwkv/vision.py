@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.transform import image_transform
+from open_clip.transform import MaybeConvertMode, image_transform
+from torchvision.transforms import Compose
 from open_clip.transformer import QuickGELU, VisionTransformer
 
 from .rwkv import check_state_dict, read_state_dict
@@ -74,8 +75,10 @@ class CLIPVisionTower(nn.Module):
 
 # %% ../nbs/10_vision.ipynb #101e3fd2
 def clip_preprocess(image_size: int = 336):
-    "CLIP's eval transform: RGB, shortest side to `image_size` (bicubic), centre crop, OpenAI mean/std."
-    return image_transform(image_size, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
+    "CLIP's eval transform on a PIL image: RGB first (as the official dataset), shortest side to `image_size` (bicubic), centre crop, OpenAI mean/std."
+    evaluation = image_transform(image_size, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
+    return Compose([MaybeConvertMode("RGB"), *evaluation.transforms])
+
 
 # %% ../nbs/10_vision.ipynb #db93b06e
 _HF_GLOBAL = {"embeddings.class_embedding": "class_embedding", "embeddings.patch_embedding.weight": "conv1.weight",
