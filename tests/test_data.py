@@ -62,29 +62,68 @@ def test_toy_image_shows_the_scene():
         draw_toy_image("hexagon", "red", "black", "left", random.Random(0))
 
 
-@pytest.mark.parametrize("ctx_len", [9, 12, 13, 20, 40])
-@pytest.mark.parametrize("image_at", [None, 0, 3])
-def test_truncation_counts_image_tokens(ctx_len, image_at):
+def official_truncate_input(x, y, ctx_len):
+    "VisualRWKV v6.0 src/model.py:496-509 (truncate_input), one sample: the first ctx_len if they hold a label, else the last."
+    valid_labels = [i for i in y[:ctx_len] if i != IGNORE_INDEX]
+    if valid_labels: return x[:ctx_len], y[:ctx_len]
+    return x[-ctx_len:], y[-ctx_len:]
+
+
+def expand(ids, labels, n_image, text_only_tokens=0):
+    "The model's positions: -200 becomes n_image markers ('img', j), a text-only sample gets text_only_tokens ('zero', j)."
+    if IMAGE_TOKEN_INDEX in ids:
+        k = ids.index(IMAGE_TOKEN_INDEX)
+        return (ids[:k] + [("img", j) for j in range(n_image)] + ids[k + 1:],
+                labels[:k] + [IGNORE_INDEX] * n_image + labels[k + 1:])
+    return [("zero", j) for j in range(text_only_tokens)] + ids, [IGNORE_INDEX] * text_only_tokens + labels
+
+
+LABELS = {"end": lambda n: [IGNORE_INDEX] * (n - 4) + [1] * 4, "start": lambda n: [IGNORE_INDEX] * 2 + [1] * 3 + [IGNORE_INDEX] * (n - 5),
+          "middle": lambda n: [IGNORE_INDEX] * 9 + [1] + [IGNORE_INDEX] * (n - 10), "none": lambda n: [IGNORE_INDEX] * n}
+
+
+@pytest.mark.parametrize("ctx_len", [4, 9, 12, 20, 40])
+@pytest.mark.parametrize("image_at", [None, 0, 3, 15])
+@pytest.mark.parametrize("layout", list(LABELS))
+@pytest.mark.parametrize("zero_image", [False, True])
+def test_truncation_follows_the_official_rule(ctx_len, image_at, layout, zero_image):
+    """Our cut, expanded to the model's positions, is the official window of the expanded sample; when that window
+    would cut the image or keep no label at a position the loss reads, or the sample has no label, we refuse it."""
     g = random.Random(ctx_len)
     ids = [g.randrange(1000) for _ in range(20)]
-    labels = [IGNORE_INDEX] * 6 + ids[6:]
+    labels = [l if l == IGNORE_INDEX else ids[t] for t, l in enumerate(LABELS[layout](20))]
     if image_at is not None: ids[image_at] = IMAGE_TOKEN_INDEX; labels[image_at] = IGNORE_INDEX
-    extra = N_IMAGE - 1 if image_at is not None else 0
-    try:
-        cut_ids, cut_labels = truncate_sample(ids, labels, ctx_len, N_IMAGE)
-    except BadSample as e:                                     # refused only when nothing supervised fits
-        assert ctx_len - extra <= 7 and ("no supervised token" in str(e) or "image does not fit" in str(e))
+    zero = N_IMAGE if zero_image and image_at is None else 0
+    x, y = expand(ids, labels, N_IMAGE, zero)
+    want_x, want_y = official_truncate_input(x, y, ctx_len)
+    span = [p for p in x if isinstance(p, tuple)]
+    if all(l == IGNORE_INDEX for l in labels): cause = "no label"
+    elif span and not all(p in want_x for p in span): cause = "image cut by truncation"
+    elif all(l == IGNORE_INDEX for l in want_y[1:]): cause = "nothing to learn after truncation"
+    else: cause = None
+    if cause is not None:
+        with pytest.raises(BadSample) as err: truncate_sample(ids, labels, ctx_len, N_IMAGE, zero)
+        assert err.value.cause == cause
         return
-    assert len(cut_ids) + extra == min(len(ids) + extra, ctx_len)
-    assert cut_ids == ids[:len(cut_ids)] and cut_labels == labels[:len(cut_ids)]
+    cut_ids, cut_labels = truncate_sample(ids, labels, ctx_len, N_IMAGE, zero)
+    assert expand(cut_ids, cut_labels, N_IMAGE, zero) == (want_x, want_y)
 
 
-def test_truncation_refuses_a_cut_image_and_counts_text_only_zero_image():
-    ids, labels = [1, 2, 3, 4, IMAGE_TOKEN_INDEX, 5, 6], [IGNORE_INDEX] * 5 + [6, 7]
-    with pytest.raises(BadSample, match="image does not fit"): truncate_sample(ids, labels, 8, N_IMAGE)
-    text_ids, text_labels = list(range(1, 11)), [IGNORE_INDEX] * 5 + list(range(6, 11))
-    cut, _ = truncate_sample(text_ids, text_labels, ctx_len=N_IMAGE + 8, n_image_tokens=N_IMAGE, text_only_tokens=N_IMAGE)
-    assert cut == text_ids[:8]
+def test_truncation_worked_by_hand():
+    img, ign = IMAGE_TOKEN_INDEX, IGNORE_INDEX
+    # 10 ids, image of 5 at index 2: 14 positions, labels at positions 8-13; the first 12 hold labels: keep them
+    assert truncate_sample([11, 12, img, 13, 14, 15, 16, 17, 18, 19], [ign] * 4 + [14, 15, 16, 17, 18, 19], 12, 5) == \
+        ([11, 12, img, 13, 14, 15, 16, 17], [ign] * 4 + [14, 15, 16, 17])
+    # image of 3 at index 6 of 9 ids: 11 positions, labels at 9, 10; the first 6 hold none: keep the last 6 (5-10)
+    late, late_labels = [11, 12, 13, 14, 15, 16, img, 17, 18], [ign] * 7 + [17, 18]
+    assert truncate_sample(late, late_labels, 6, 3) == ([16, img, 17, 18], [ign, ign, 17, 18])
+    with pytest.raises(BadSample, match="image does not fit"): truncate_sample(late, late_labels, 4, 3)   # last 4 cut it
+    # text only, one label at 6 of 12: neither the first 4 nor the last 4 reach it
+    with pytest.raises(BadSample, match="no supervised token left") as err:
+        truncate_sample(list(range(1, 13)), [ign] * 6 + [7] + [ign] * 5, 4, 3)
+    assert err.value.cause == "nothing to learn after truncation"
+    with pytest.raises(BadSample, match="no label") as err: truncate_sample([1, 2, 3], [ign] * 3, 100, 3)
+    assert err.value.cause == "no label"
 
 
 def test_dataset_tokenizes_like_tokenize_conversation(toy):
@@ -130,7 +169,10 @@ def bad_records(folder):
         {"id": "number", "conversations": [{"from": "human", "value": "1+1?"}, {"from": "gpt", "value": 2}]},
         {"id": "no-answer", "conversations": [{"from": "human", "value": "Hello?"}]},
         {"id": "not-a-list", "conversations": "User: hi"},
-        {"id": "too-long", "conversations": ask("Tell a story. " * 40, "Once.", image=False)},
+        {"id": "too-long", "conversations": ask("Tell a story. " * 40, "Once.", image=False)
+                                            + [{"from": "human", "value": "And another. " * 60}]},   # answer in the middle
+        {"id": "cut-image", "image": "images/ok.png", "conversations": ask("Tell a story. " * 40, "Once.")},
+        {"id": "long-question", "conversations": ask("Tell a story. " * 40, "Once.", image=False)},  # the last 64 keep it
         {"id": "text", "conversations": ask("Sides of a square?", "Four.", image=False)},
         {"conversations": ask("Colour?", "Blue.", image=False)},                         # no id: named by index
     ]
@@ -144,11 +186,13 @@ def test_bad_samples_are_skipped_named_and_counted(tmp_path):
         warnings.simplefilter("always")
         items = [ds[i] for i in range(len(ds))]
     skipped = {s.id: s.reason for s in items if isinstance(s, SkippedSample)}
-    assert [s.id for s in items if isinstance(s, LlavaSample)] == ["good", "text", "#10"]
-    assert set(skipped) == {"missing", "truncated", "noise", "role", "number", "no-answer", "not-a-list", "too-long"}
+    assert [s.id for s in items if isinstance(s, LlavaSample)] == ["good", "long-question", "text", "#12"]
+    assert set(skipped) == {"missing", "truncated", "noise", "role", "number", "no-answer", "not-a-list", "too-long",
+                            "cut-image"}
     assert "image not found" in skipped["missing"] and "corrupt image" in skipped["truncated"]
     assert "corrupt image" in skipped["noise"] and "'from'" in skipped["role"] and "'value'" in skipped["number"]
     assert "no 'gpt' turn" in skipped["no-answer"] and "no supervised token" in skipped["too-long"]
+    assert "image does not fit" in skipped["cut-image"]
     messages = [str(w.message) for w in caught if issubclass(w.category, BadSampleWarning)]
     assert len(messages) == len(skipped) and all(any(repr(k) in m for m in messages) for k in skipped)
 
@@ -177,3 +221,28 @@ def test_clear_errors_for_missing_files(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([{"id": 1, "text": "no conversations"}]))
     with pytest.raises(ValueError, match="no record has a 'conversations' key"):
         LlavaDataset(tmp_path / "d.json", cache_dir=tmp_path / "c")
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA"])
+def test_load_image_converts_png_to_rgb_first(tmp_path, mode):
+    """The official dataset: `Image.open(path).convert('RGB')`, then the HF processor (v6.0 src/dataset.py:202-207)."""
+    from PIL import Image
+    from open_clip.constants import OPENAI_DATASET_STD
+    from transformers import CLIPImageProcessor
+    from visualrwkv.data import load_image
+    rng = np.random.default_rng(2)
+    if mode == "P":
+        img = Image.fromarray(rng.integers(0, 256, (400, 500, 3), dtype=np.uint8)).quantize(colors=16)
+        img.info["transparency"] = 3                                        # one palette entry transparent
+    else: img = Image.fromarray(rng.integers(0, 256, (400, 500, 4), dtype=np.uint8), mode="RGBA")
+    img.save(tmp_path / "img.png")
+    with Image.open(tmp_path / "img.png") as saved: assert saved.mode == mode
+    proc = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    with Image.open(tmp_path / "img.png") as saved:
+        rgb = saved.convert("RGB")
+    # PIL keeps a converted palette image's transparent colour in rgb.info; transformers >= 5 composites that colour onto
+    # white even in an RGB image, while the transformers of the official code (4.x) passed RGB images through as they are
+    rgb.info.pop("transparency", None)
+    theirs = torch.tensor(proc(images=rgb, return_tensors="np")["pixel_values"][0])
+    diff = (load_image(tmp_path / "img.png", 336) - theirs).abs()
+    assert diff.max() <= 1 / 255 / min(OPENAI_DATASET_STD) + 1e-6 and diff.mean() < 1e-3

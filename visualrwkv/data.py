@@ -3,8 +3,9 @@
 # %% auto #0
 __all__ = ['TOY_COLOURS', 'TOY_BACKGROUNDS', 'TOY_SHAPES', 'TOY_SIDES', 'TOY_QUESTIONS', 'TOY_TEXT_ONLY', 'read_llava_records',
            'BadSample', 'truncate_sample', 'LlavaSample', 'SkippedSample', 'BadSampleWarning', 'conversation_problem',
-           'load_image', 'LlavaDataset', 'LlavaBatch', 'collate_llava', 'check_bad_fraction', 'draw_toy_image',
-           'toy_answer', 'toy_caption', 'make_toy_llava']
+           'open_image', 'load_image', 'LlavaDataset', 'LlavaBatch', 'collate_llava', 'check_bad_fraction',
+           'draw_toy_image', 'toy_answer', 'toy_caption', 'make_toy_llava', 'DataFileError', 'read_llava_json',
+           'DataReport', 'check_data']
 
 # %% ../nbs/14_data.ipynb #d2e69824
 import json, random, warnings
@@ -36,23 +37,37 @@ def read_llava_records(path, cache_dir=None):
 
 # %% ../nbs/14_data.ipynb #8b60e6bd
 class BadSample(ValueError):
-    "A sample that cannot be used; the message says why."
+    "A sample that cannot be used; the message says why, `cause` names the kind (for counting)."
+    def __init__(self, message: str, cause: str = "bad sample"):
+        super().__init__(message)
+        self.cause = cause
+
+def _positions(input_ids, labels, n_image_tokens, text_only_tokens):
+    "Labels at the model's positions (image tokens -100), and the image span (start, length): (0, 0) if none."
+    if IMAGE_TOKEN_INDEX in input_ids:
+        k = input_ids.index(IMAGE_TOKEN_INDEX)
+        return labels[:k] + [IGNORE_INDEX] * n_image_tokens + labels[k + 1:], (k, n_image_tokens)
+    return [IGNORE_INDEX] * text_only_tokens + list(labels), (0, text_only_tokens)
 
 def truncate_sample(input_ids, labels, ctx_len: int, n_image_tokens: int, text_only_tokens: int = 0):
-    "Cut (input_ids, labels) so the model's sequence (-200 -> N image tokens) fits ctx_len; BadSample if nothing is left."
+    "Fit (input_ids, labels) into ctx_len model positions (-200 -> N tokens): the first ctx_len if they hold a label, else the last."
     if ctx_len < 1: raise ValueError(f"ctx_len must be positive, got {ctx_len}")
-    has_image = IMAGE_TOKEN_INDEX in input_ids
-    extra = n_image_tokens - 1 if has_image else text_only_tokens       # model positions beyond the ids
-    keep = ctx_len - extra
-    if len(input_ids) > keep:
-        if has_image and input_ids.index(IMAGE_TOKEN_INDEX) >= keep:
-            raise BadSample(f"the image does not fit: its {n_image_tokens} tokens would start at position "
-                            f"{input_ids.index(IMAGE_TOKEN_INDEX)}, past ctx_len={ctx_len}")
-        input_ids, labels = input_ids[:max(keep, 0)], labels[:max(keep, 0)]
-    if not any(l != IGNORE_INDEX for l in labels[1:]):
-        raise BadSample(f"no supervised token left after truncation to ctx_len={ctx_len} "
-                        f"({len(input_ids) + extra} model positions)")
-    return input_ids, labels
+    if len(labels) != len(input_ids): raise ValueError(f"labels: length {len(labels)}, input_ids has {len(input_ids)}")
+    if all(l == IGNORE_INDEX for l in labels): raise BadSample("no label: nothing in the sample to learn", "no label")
+    pos_labels, (start, n) = _positions(input_ids, labels, n_image_tokens, text_only_tokens)
+    L = len(pos_labels)
+    if L <= ctx_len: a, b, which = 0, L, "all"
+    elif any(l != IGNORE_INDEX for l in pos_labels[:ctx_len]): a, b, which = 0, ctx_len, "first"   # official: first
+    else: a, b, which = L - ctx_len, L, "last"                                                        # ... else last
+    if n and not (a <= start and start + n <= b):
+        raise BadSample(f"the image does not fit: keeping the {which} {ctx_len} of {L} positions would cut its {n} "
+                        f"tokens at [{start}, {start + n})", "image cut by truncation")
+    if not any(l != IGNORE_INDEX for l in pos_labels[a + 1:b]):
+        raise BadSample(f"no supervised token left after truncation to ctx_len={ctx_len} (kept positions [{a}, {b}) "
+                        f"of {L})", "nothing to learn after truncation")
+    shift = n - 1 if IMAGE_TOKEN_INDEX in input_ids else n        # ids index = position - shift after the image
+    return input_ids[a:b - shift], labels[a:b - shift]
+
 
 # %% ../nbs/14_data.ipynb #abf19334
 class LlavaSample(NamedTuple):
@@ -77,22 +92,31 @@ def conversation_problem(record) -> Optional[str]:
     try: check_conversations(conversations)                              # the checks of tokenize_conversation
     except ValueError as e: return str(e)
     if not any(t["from"].lower() == "gpt" for t in conversations): return "conversations: no 'gpt' turn to learn from"
+    image = record.get("image")
+    if image is not None and not isinstance(image, str):
+        return f"'image' must be a file name, got {type(image).__name__} {image!r:.40}"
     has_token = any(IMAGE_TOKEN in t["value"] for t in conversations)
-    if record.get("image") and not has_token: return f"has image {record['image']!r} but no <image> in its conversation"
-    if has_token and not record.get("image"): return "has <image> in its conversation but no 'image' file"
+    if image and not has_token: return f"has image {image!r} but no <image> in its conversation"
+    if has_token and not image: return "has <image> in its conversation but no 'image' file"
     return None
 
+
 # %% ../nbs/14_data.ipynb #5d9fc542
-def load_image(path, image_size: int):
-    "A CLIP-preprocessed image [3, S, S]; BadSample naming the file if it is missing or cannot be decoded."
+def open_image(path):
+    "The fully decoded PIL image at `path`, in RGB; BadSample naming the file if it is missing or cannot be decoded."
     path = Path(path)
-    if not path.is_file(): raise BadSample(f"image not found: {path}")
+    if not path.is_file(): raise BadSample(f"image not found: {path}", "missing image")
     try:
         with Image.open(path) as img:
             img.load()                                                   # decode now: a truncated file fails here
-            return clip_preprocess(image_size)(img)                      # [3, S, S]
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadSample(f"corrupt image {path}: {type(e).__name__}: {e}") from None
+            return img.convert("RGB")                                    # first, as the official dataset.py:202
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadSample(f"corrupt image {path}: {type(e).__name__}: {e}", "corrupt image") from None
+
+def load_image(path, image_size: int):
+    "A CLIP-preprocessed image [3, S, S] (converted to RGB, then resized); BadSample naming the file if missing or corrupt."
+    return clip_preprocess(image_size)(open_image(path))                 # [3, S, S]
+
 
 # %% ../nbs/14_data.ipynb #cff93c51
 class LlavaDataset(torch.utils.data.Dataset):
@@ -128,7 +152,7 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def load(self, i, sid) -> LlavaSample:
         "Sample i, or BadSample."
-        if i in self.problems: raise BadSample(self.problems[i])
+        if i in self.problems: raise BadSample(self.problems[i], "malformed conversation")
         record = self.records[i]
         ids, labels = tokenize_conversation(record["conversations"], self.image_position, self.tokenizer)
         ids, labels = truncate_sample(ids, labels, self.ctx_len, self.n_image_tokens, self.text_only_tokens)
@@ -253,3 +277,67 @@ def make_toy_llava(out_dir, n_samples: int = 512, seed: int = 0, n_eval: Optiona
     _write_json(stage1, paths["stage1"]); _write_json(stage2, paths["stage2"])
     _write_json("".join(json.dumps(r) + "\n" for r in evaluation), paths["eval"])
     return paths
+
+# %% ../nbs/14_data.ipynb #d5ad6eec
+class DataFileError(ValueError):
+    "A LLaVA data file that cannot be read as a list of records; the message names the file."
+
+def read_llava_json(path) -> list:
+    "The records of a LLaVA `.json` list or `.jsonl` file as dicts, read with `json`; DataFileError if the file is broken."
+    path = Path(path)
+    if not path.is_file(): raise DataFileError(f"{path}: file not found")
+    if path.suffix not in (".json", ".jsonl"): raise DataFileError(f"{path}: expected a .json list or a .jsonl file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else: records = json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno}, column {e.colno}" if path.suffix == ".json" else "a line"
+        raise DataFileError(f"{path}: not valid JSON at {where}: {e.msg}") from None
+    if not isinstance(records, list): raise DataFileError(f"{path}: expected a list of records, got a {type(records).__name__}")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise DataFileError(f"{path}: record {i} is a {type(r).__name__} ({json.dumps(r)[:40]}), not an object")
+    return records
+
+class DataReport(NamedTuple):
+    "What check_data found: records read, bad records per cause, and the first few (id, reason) of each cause."
+    path: str
+    n_records: int
+    counts: dict
+    examples: dict
+
+    @property
+    def n_bad(self): return sum(self.counts.values())
+
+    def summary(self) -> str:
+        "The report as text: one line for the file, then each cause with its count and examples."
+        lines = [f"{self.path}: {self.n_records} records, {self.n_bad} bad"]
+        for cause, n in sorted(self.counts.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {cause}: {n}")
+            lines += [f"    {sid!r}: {reason}" for sid, reason in self.examples[cause]]
+        return "\n".join(lines)
+
+def check_data(data_path, image_folder=None, ctx_len: Optional[int] = None, n_image_tokens: int = 577,
+               image_position: str = "middle", text_only_tokens: int = 0, tokenizer=None, n_examples: int = 5) -> DataReport:
+    "Every bad record of a LLaVA data file, without training: counts per cause and the first n_examples of each."
+    if image_position not in IMAGE_POSITIONS:
+        raise ValueError(f"image_position must be one of {IMAGE_POSITIONS}, got {image_position!r}")
+    records = read_llava_json(data_path)
+    folder = Path(image_folder) if image_folder is not None else Path(data_path).parent
+    tokenizer = tokenizer or default_tokenizer()
+    counts, examples = Counter(), {}
+    for i, record in enumerate(records):
+        sid = f"#{i}" if record.get("id") is None else str(record["id"])
+        try:
+            if (problem := conversation_problem(record)): raise BadSample(problem, "malformed conversation")
+            ids, labels = tokenize_conversation(record["conversations"], image_position, tokenizer)
+            truncate_sample(ids, labels, ctx_len or len(ids) + n_image_tokens + text_only_tokens, n_image_tokens,
+                            text_only_tokens)
+            if record.get("image"): open_image(folder / record["image"])
+        except BadSample as e:
+            counts[e.cause] += 1
+            if len(examples.setdefault(e.cause, [])) < n_examples: examples[e.cause].append((sid, str(e)))
+    return DataReport(str(data_path), len(records), dict(counts), examples)
+
