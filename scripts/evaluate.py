@@ -26,6 +26,7 @@ from visualrwkv.data import BadSample, BadSampleWarning, conversation_problem, l
 from visualrwkv.model import generate, load_visualrwkv
 from visualrwkv.prompts import STOP_TOKEN_INDEX, default_tokenizer, tokenize_conversation
 from visualrwkv.rwkv import pick_dtype
+from visualrwkv.train import read_model_config
 
 NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 ARTICLES = {"a", "an", "the"}
@@ -72,8 +73,13 @@ def parse_args(argv=None):
 
 
 def load_model(args):
-    config_path = Path(args.config) if args.config else Path(args.model).parent / "model_config.json"
-    cfg = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    """The checkpoint with the model_config.json that training wrote beside it (in <out>/ and in every
+    checkpoints/step-N/), or --config; flags override it. Without one the paper's defaults are used, with a warning:
+    a stage-1 model puts the image first, not in the middle."""
+    cfg = read_model_config(args.config if args.config else args.model)
+    if args.config and not cfg: raise ValueError(f"--config {args.config}: no model_config.json there")
+    if not cfg: warnings.warn(f"no model_config.json beside {args.model}: using the defaults (image in the middle, all "
+                              "patches, bidirectional scan) unless flags say otherwise")
     for key in ("grid_size", "scan", "image_position", "vision_head_width"):
         if getattr(args, key) is not None: cfg[key] = getattr(args, key)
     model = load_visualrwkv(args.model, **cfg)

@@ -310,15 +310,15 @@ def make_sample(model, ctx, seed=0):
 
 
 def part_train(args):
-    """c: one VisualRWKV training process as scripts/train.py sets it up for stage 2 (init_distributed, set_trainable,
-    AdamW(betas=(0.9, 0.99)), ds_config with ZeRO-2, train_dtype, sample_level_loss), 1 warmup + 3 timed steps at ctx
+    """c: one VisualRWKV training process as visualrwkv.train sets it up for stage 2 (init_distributed, set_trainable,
+    AdamW(betas=(0.9, 0.99)), ds_config with ZeRO-2, train_dtype, sample_level_loss with l2wrap), 1 warmup + 3 timed steps at ctx
     2048 (one image + text). Before the first step the same bf16 weights run once through the chunked PyTorch WKV: the
     step-1 loss and logits through the Triton kernel must match it (TRAIN_TOL). ~50 s on an H200: imports and NCCL ~15 s, the 1.6B model
     built on the GPU ~5 s and randomized from a CPU generator ~10 s, DeepSpeed's ZeRO-2 setup ~10 s, the chunked
     forward ~2 s, Triton compilation ~5 s, steps ~0.3 s each (1.8e13 FLOPs at a few hundred TFLOP/s, then AdamW over
     1.6e9 parameters)."""
     import torch
-    import train as trainer                                              # scripts/ is on sys.path (this script's dir)
+    import visualrwkv.train as trainer
     import deepspeed
     from visualrwkv.model import VisualRWKV
     from visualrwkv.rwkv import RWKV6Config, randomize_
@@ -359,7 +359,7 @@ def part_train(args):
         for step in range(4):                                          # step 0 warms up (Triton compiles)
             t0 = time.perf_counter()
             out = engine(ids, images, labels)
-            loss = trainer.sample_level_loss(out.logits, out.labels)
+            loss = trainer.l2wrap(trainer.sample_level_loss(out.logits, out.labels), out.logits)   # as in training
             if step == 0:
                 logits_err = max_rel(out.logits.detach().float(), ref_logits)
                 del ref_logits

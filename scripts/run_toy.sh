@@ -14,7 +14,7 @@ OUT="${1:-runs/toy}"
 NPROC="${NPROC:-2}"
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}"
 train() { python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" scripts/train.py --toy \
-            --toy-samples 768 --ctx-len 128 --batch-size 16 --micro-batch $((16 / NPROC)) --log-every 10 "$@"; }
+            --toy-samples 768 --ctx-len 128 --batch-size 16 --micro-batch $((16 / NPROC)) --log-every 10 --overwrite "$@"; }
 
 SECONDS=0
 train --stage 1 --out "$OUT/stage1" --steps "${STAGE1_STEPS:-30}" --lr 1e-2 --lr-end 1e-3 --grid-size "${GRID_SIZE:--1}"
