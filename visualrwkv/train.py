@@ -12,10 +12,10 @@ __all__ = ['TOY_LM', 'TOY_VISION', 'STAGE_DEFAULTS', 'MODEL_KEYS', 'STAGE_KEYS',
            'checkpoint_folders', 'find_resume', 'read_train_state', 'save_checkpoint', 'keep_metrics_until', 'toy_data',
            'open_dataset', 'run_settings', 'check_resume', 'prepare_out', 'link_final_model', 'plot_curves', 'train']
 
-# %% ../nbs/15_train.ipynb #b3221a52
-import functools, hashlib, json, math, os, pickle, random, shutil, socket, sys, time, warnings, zipfile
+# %% ../nbs/15_train.ipynb #19e0900b
+import functools, hashlib, json, math, os, pickle, random, shutil, socket, time, warnings, zipfile
 from collections import Counter
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -28,7 +28,6 @@ from .model import VisualRWKV, load_visualrwkv, next_token_loss, save_visualrwkv
 from .rwkv import RWKV6Config, load_rwkv6, pick_dtype, randomize_, read_state_dict
 from .vision import (CLIPVisionTower, VisionConfig, build_projector, hf_clip_vision_to_open_clip, load_checked,
                                load_open_clip_vision, vision_config_from_state_dict)
-from .wkv import IMPLS
 
 # %% ../nbs/15_train.ipynb #0bbefb48
 TOY_LM = dict(vocab_size=65536, n_layer=4, n_embd=64, head_size=16, lora_mix=8, lora_decay=8)
