@@ -9,7 +9,8 @@
 #   VISION   stage 1: the open_clip ViT-L-14-336 checkpoint
 #   DATA     the LLaVA json (stage 1: blip_laion_cc_sbu_558k.json, stage 2: llava_v1_5_mix665k.json)
 #   IMAGES   the folder the records' images are relative to
-#   OUT      output folder (default runs/SIZE-stageSTAGE); INIT  stage 2's start (default runs/SIZE-stage1/visualrwkv.pth)
+#   OUT      output folder (default runs/SIZE-stageSTAGE; launching again continues from its newest checkpoint)
+#   INIT     stage 2's start (default runs/SIZE-stage1/visualrwkv.pth)
 # Machines:
 #   NPROC        processes (GPUs) per machine, default: the GPUs torch sees, else 1
 #   NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500
@@ -43,8 +44,8 @@ read -r MICRO CTX LR LR_END ZERO GRAD_CP FREEZE_PROJ <<< "${set_args[*]}"
 OUT="${OUT:-runs/$SIZE-stage$STAGE}"
 POSITION=$([ "$STAGE" = 1 ] && echo first || echo middle)
 
-flags=(--stage "$STAGE" --out "$OUT" --ctx-len "$CTX" --micro-batch "$MICRO" --lr "$LR" --lr-end "$LR_END"
-       --zero "$ZERO" --image-position "$POSITION")
+flags=(--stage "$STAGE" --out "$OUT" --resume auto --ctx-len "$CTX" --micro-batch "$MICRO" --lr "$LR" --lr-end "$LR_END"
+       --zero "$ZERO" --image-position "$POSITION")                  # --resume auto: a relaunch continues
 [ "$GRAD_CP" = 1 ] && flags+=(--grad-cp)
 [ "$FREEZE_PROJ" = 1 ] && flags+=(--freeze-proj)
 if [ "$SIZE" = toy ]; then
