@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from visualrwkv.data import (BadSample, BadSampleWarning, LlavaDataset, LlavaSample, SkippedSample, TOY_QUESTIONS,
-                             check_bad_fraction, collate_llava, draw_toy_image, make_toy_llava, truncate_sample)
+                             check_bad_fraction, collate_llava, draw_toy_image, make_toy_llava, read_llava_records,
+                             truncate_sample)
 from visualrwkv.prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX, default_tokenizer, tokenize_conversation
 
 N_IMAGE = 17          # tokens per image of the toy tower (4 x 4 patches + CLS)
@@ -246,3 +247,14 @@ def test_load_image_converts_png_to_rgb_first(tmp_path, mode):
     theirs = torch.tensor(proc(images=rgb, return_tensors="np")["pixel_values"][0])
     diff = (load_image(tmp_path / "img.png", 336) - theirs).abs()
     assert diff.max() <= 1 / 255 / min(OPENAI_DATASET_STD) + 1e-6 and diff.mean() < 1e-3
+
+
+def test_reading_leaves_nothing_beside_the_data(tmp_path):
+    """The Arrow cache goes to datasets' own cache folder (or `cache_dir`), never next to the user's data file."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    path = folder / "q.jsonl"
+    path.write_text(json.dumps({"id": "a", "conversations": [{"from": "human", "value": "hi"},
+                                                             {"from": "gpt", "value": "yes"}]}) + "\n")
+    assert len(read_llava_records(path)) == 1
+    assert list(folder.iterdir()) == [path]

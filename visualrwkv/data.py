@@ -29,8 +29,8 @@ def read_llava_records(path, cache_dir=None):
     if not path.is_file(): raise FileNotFoundError(f"LLaVA data file not found: {path}")
     if path.suffix not in (".json", ".jsonl"): raise ValueError(f"{path}: expected a .json list or a .jsonl file")
     disable_progress_bar()
-    cache_dir = Path(cache_dir) if cache_dir is not None else path.parent / ".hf_cache"
-    records = load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache_dir))
+    cache_dir = None if cache_dir is None else str(cache_dir)              # None: datasets' own cache, not beside the data
+    records = load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
     if "conversations" not in records.column_names:
         raise ValueError(f"{path}: no record has a 'conversations' key; columns are {records.column_names}")
     return records
