@@ -138,21 +138,21 @@ def trainable_names(model) -> list:
 
 # %% ../nbs/15_train.ipynb #2f0332c4
 class L2Wrap(torch.autograd.Function):
-    """Official v6.0 src/model.py `class L2Wrap`: the forward returns the loss unchanged; the backward passes the loss's
-    gradient on and adds, at each position's largest logit, max * 1e-4 / (B * T) (B, T: the logits' first two sizes),
-    a push of that logit towards zero. The added gradient is not scaled by the incoming one, as in the official code."""
+    """L2Wrap as the official v6.0 src/model.py applies it: the forward returns the loss unchanged; the backward passes
+    the loss's gradient on and adds, at each position's largest logit, that logit times 1e-4 / (B * T) (B, T: the
+    logits' first two sizes), a push of it towards zero. The push is not scaled by the incoming gradient, as there."""
     @staticmethod
     def forward(ctx, loss, logits):
         ctx.save_for_backward(logits)
         return loss
 
     @staticmethod
-    def backward(ctx, grad_output):
-        (y,) = ctx.saved_tensors                                        # [B, T, V]
-        factor = 1e-4 / (y.shape[0] * y.shape[1])
-        maxx, ids = torch.max(y, -1, keepdim=True)                      # [B, T, 1]
-        gy = torch.zeros_like(y).scatter_(-1, ids, maxx * factor)       # [B, T, V]: one non-zero per position
-        return grad_output, gy
+    def backward(ctx, grad_loss):
+        (logits,) = ctx.saved_tensors                                     # [B, T, V]
+        B, T, _ = logits.shape
+        top, where = logits.max(dim=-1, keepdim=True)                     # [B, T, 1]
+        push = torch.zeros_like(logits).scatter_(-1, where, top * (1e-4 / (B * T)))   # one entry per position
+        return grad_loss, push
 
 def l2wrap(loss, logits):
     "The loss, with L2Wrap's push on the logits [B, T, V] added to its backward."
