@@ -5,7 +5,7 @@
 #   2. stage 2 starts from stage 1's checkpoint and trains projector + LM (tower frozen);
 #   3. greedy answers on held-out toy questions, VQA exact match against the question-only baseline;
 #   4. a summary table.
-# Usage: bash scripts/run_toy.sh [OUT_DIR]   (default runs/toy; about 7 minutes on 2 CPU cores)
+# Usage: bash scripts/run_toy.sh [OUT_DIR]   (default runs/toy; about 5 minutes on 2 CPU cores)
 # Knobs: NPROC (processes, default 2), STAGE1_STEPS (30), STAGE2_STEPS (250), GRID_SIZE (-1: all 16 patches + CLS),
 #        DS_ACCELERATOR=cuda to run on GPUs.
 set -euo pipefail
