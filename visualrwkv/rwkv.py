@@ -299,7 +299,7 @@ def read_state_dict(path):
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # mapped: processes share one copy
     if not isinstance(sd, dict): raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
     return sd
 
