@@ -468,10 +468,22 @@ def test_toy_data_of_another_size_is_refused(tmp_path):
         T.toy_data(T.TrainConfig(stage=2, out=str(tmp_path / "stage2"), toy=True, toy_samples=8))
 
 
-def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
-    if importlib.util.find_spec("tensorboard") is not None: pytest.skip("tensorboard is installed")
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)                # import fails as if not installed
     with pytest.raises(T.RunError, match="--tensorboard needs the tensorboard package"):
         T.train(T.TrainConfig(stage=1, out=str(tmp_path), toy=True, tensorboard=True))
+
+
+def test_tensorboard_logs_what_metrics_jsonl_holds(tmp_path, one_process):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    paths = make_toy_llava(tmp_path / "toy_data", n_samples=8, seed=3, n_eval=1)
+    train.main(["--toy", "--stage", "1", "--out", str(tmp_path / "run"), "--data", str(paths["stage1"]),
+                "--ctx-len", "128", "--batch-size", "2", "--micro-batch", "2", "--steps", "2", "--tensorboard"])
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert logged == pytest.approx([(r["step"], r["loss"]) for r in metrics(tmp_path / "run")])
+    assert {"loss", "lr", "tokens_per_s"} <= set(events.Tags()["scalars"])
 
 
 def test_the_shared_memory_op_is_skipped_through_deepspeeds_table(monkeypatch):
