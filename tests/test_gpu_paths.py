@@ -18,6 +18,8 @@ from visualrwkv.model import VisualRWKV, generate, next_token_loss, visual_forwa
 from visualrwkv.prompts import IMAGE_TOKEN_INDEX
 from visualrwkv.rwkv import RWKV6Config, pick_dtype, randomize_
 from visualrwkv.vision import VisionConfig
+from visualrwkv import wkv as wkv_module
+from visualrwkv.wkv import default_impl
 from visualrwkv_kernels.wkv6 import _interpreted
 
 VOCAB = 97
@@ -108,12 +110,20 @@ def test_float32_model_through_triton_equals_chunked():
     assert max(rel_err(g, ref_grads[n]) for n, g in grads.items() if ref_grads[n].norm() > 0) < 1e-4
 
 
-def test_bf16_rnn_mode_generation_through_the_kernel_path():
+@pytest.mark.parametrize("dispatch", ["cuda", "triton"])
+def test_bf16_rnn_mode_generation_through_the_kernel_path(dispatch, monkeypatch):
     """Prefill through the Triton kernel, then one token at a time, in bf16: every step's logits within bf16 error of
     the float32 parallel forward over the same tokens, and greedy generation picks the same tokens where the float32
-    model's choice is clear (a top-2 margin well above bf16 error)."""
+    model's choice is clear (a top-2 margin well above bf16 error). `cuda`: the default dispatch decided as for CUDA
+    tensors (the prompt through the kernel, each decoded token through the one-step recurrence); `triton`: every call
+    through the kernel, single tokens too."""
+    calls = []
+    if dispatch == "cuda":
+        as_on_cuda = lambda T, is_cuda: calls.append(default_impl(T, True)) or calls[-1]
+        monkeypatch.setattr(wkv_module, "default_impl", as_on_cuda)
     model, (samples, images, _) = make_model(seed=5), batch(seed=5)
-    m16, m32 = as_impl(model, torch.bfloat16, "triton"), as_impl(model, torch.float32, "chunked")
+    m16 = as_impl(model, torch.bfloat16, None if dispatch == "cuda" else "triton")
+    m32 = as_impl(model, torch.float32, "chunked")
     images16 = [None if im is None else im.bfloat16() for im in images]
     new = generate(m16, samples, images16, max_new_tokens=6, temperature=0.0, stop_token=-1)       # [B, 6]
     assert new.shape == (3, 6)
@@ -130,6 +140,7 @@ def test_bf16_rnn_mode_generation_through_the_kernel_path():
         top2 = want[:-1].topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > 0.1 * want.abs().max()
         assert torch.equal(new[b][clear], want[:-1].argmax(-1)[clear])
+    if dispatch == "cuda": assert {"triton", "naive"} == set(calls)
 
 
 def test_pick_dtype_per_card():
