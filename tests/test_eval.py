@@ -184,7 +184,8 @@ def test_scienceqa_letter(text, n, expected):
     assert scienceqa_letter(text, n) == expected
 
 
-def test_pope_answer_strips_the_first_sentence():
-    # documented difference from eval_pope.py: the sentence is stripped, so "No\n" is the word "No"
-    assert pope_answer("No\n") == "no"
+def test_pope_answer_splits_on_single_spaces_only():
+    # eval_pope.py splits the first sentence on " ": "No\n" is the one word "No\n", not "No", so a yes;
+    # "  no" is the words "", "", "no", so a no
+    assert pope_answer("No\n") == "yes"
     assert pope_answer("  no") == "no"

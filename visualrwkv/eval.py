@@ -88,7 +88,7 @@ def pope_answer(text: str) -> str:
     """`"yes"` or `"no"` as LLaVA's eval_pope.py reads an answer: first sentence, commas removed, split on spaces;
     `"no"` if a word is `No`, `not` or `no`. `"No, there is not."` -> `"no"`."""
     if "." in text: text = text.split(".")[0]
-    words = text.strip().replace(",", "").split(" ")
+    words = text.replace(",", "").split(" ")
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 # %% ../nbs/17_evaluation.ipynb #40781c8a
