@@ -96,7 +96,7 @@ def make_timer(device):
 def copy_bandwidth(device, timer):
     """Device-to-device copy bandwidth in bytes/s (read + write) of a large buffer, measured now."""
     import torch
-    n = 2**28 if device == "cuda" else 2**20            # 1 GiB or 4 MiB of fp32
+    n = 2**28 if device == "cuda" else 2**24            # 1 GiB, or 64 MiB of fp32 (more than a CPU cache holds)
     src = torch.empty(n, device=device, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
     ms = timer(lambda: dst.copy_(src))

@@ -38,18 +38,12 @@ from pathlib import Path
 import torch
 
 
-def ensure_importable():
-    "Import `visualrwkv` and its kernels from this checkout when they are not installed (a bare GPU machine)."
-    root = Path(__file__).resolve().parents[1]
-    if importlib.util.find_spec("visualrwkv") is None: sys.path.insert(0, str(root))
-    if importlib.util.find_spec("visualrwkv_kernels") is None:
-        spec = importlib.util.spec_from_file_location("visualrwkv_kernels", root / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(root / "kernels")])
-        sys.modules["visualrwkv_kernels"] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_wkv", ROOT / "kernels" / "bench_wkv.py")
+bench_wkv = importlib.util.module_from_spec(_spec)          # the kernel benchmark's helpers, from its file (light imports)
+_spec.loader.exec_module(bench_wkv)
 
-
-ensure_importable()
+bench_wkv.ensure_importable()                                 # this checkout, where it is not installed
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache          # noqa: E402
 from visualrwkv.rwkv import RWKV6, RWKV6Config                                # noqa: E402
 
@@ -230,14 +224,6 @@ def tokens_decoded(args, device):
     return per_phase + (1 + per_phase if device.type == "cuda" else 0)
 
 
-def copy_bandwidth(device):
-    "Device copy bandwidth in bytes/s, counting bytes read and written, of a large fp32 buffer, measured now."
-    n = 2**28 if device.type == "cuda" else 2**24                     # 1 GiB or 64 MiB
-    src = torch.rand(n, device=device)
-    dst = torch.empty_like(src)
-    return 2 * n * 4 / (median_ms(lambda: dst.copy_(src), 10, 2, device) * 1e-3)
-
-
 # ------------------------------------------------------------------------------------------------------------ one point
 def floor_bytes(kind, model, batch, ctx, state_bytes):
     """Bytes one decode step must move: the weights (of the input embedding only the B rows looked up), plus the RWKV
@@ -414,7 +400,8 @@ def measure_all(args, out: Path):
                   preset=args.preset, lengths=args.lengths, batches=args.batches, steps=args.steps, warmup=args.warmup,
                   rwkv_config=asdict(rwkv_cfg), llama_config=preset["llama"], prefill_input=PREFILL_INPUT,
                   memory=MEMORY_MEANING[device.type], cuda_graphs="used" if device.type == "cuda" else NO_GRAPHS_ON_CPU,
-                  copy_bandwidth_GBps=copy_bandwidth(device) / 1e9, params={}, points=[], comparisons=[])
+                  copy_bandwidth_GBps=bench_wkv.copy_bandwidth(device.type, bench_wkv.make_timer(device.type)) / 1e9,
+                  params={}, points=[], comparisons=[])
 
     def record(point):
         report["points"].append(point)

@@ -29,7 +29,7 @@ for the GPU: bf16 tensor-core dots, CUDA memory counters, NCCL, the timings and 
 
 On the GPU machine (no network, torch and triton preinstalled): run `bash scripts/gpu_wheels.sh` here, carry `.whl`,
 and run this one line in the repository root. It installs the wheels into /tmp/site; this project is not installed
-there but imported from the checkout (`ensure_importable`, as kernels/bench_wkv.py and bench_efficiency.py do):
+there but imported from the checkout (kernels/bench_wkv.py's `ensure_importable`, as bench_efficiency.py does too):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit; python3 scripts/gpu_check.py 2>&1 | tee $OUT/gpu_check.log; rc=${PIPESTATUS[0]}; tar -czf $OUT/gpu_check.tgz -C runs gpu_check; exit $rc
 """
@@ -476,15 +476,12 @@ def write_json(path, obj):
 
 def ensure_importable():
     """Import `visualrwkv` and `visualrwkv_kernels` (the folder kernels/, see setup.py) from this checkout where they
-    are not installed, as on the GPU machine, which gets only the wheels."""
+    are not installed, as on the GPU machine, which gets only the wheels: kernels/bench_wkv.py's helper, from its file."""
     import importlib.util
-    if importlib.util.find_spec("visualrwkv") is None:
-        sys.path.insert(0, str(ROOT))
-    if importlib.util.find_spec("visualrwkv_kernels") is None:
-        spec = importlib.util.spec_from_file_location("visualrwkv_kernels", ROOT / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "kernels")])
-        sys.modules["visualrwkv_kernels"] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    spec = importlib.util.spec_from_file_location("bench_wkv", ROOT / "kernels" / "bench_wkv.py")
+    bench_wkv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_wkv)
+    bench_wkv.ensure_importable()
 
 
 def run_part(letter, args):
