@@ -2,13 +2,29 @@
 
 # %% auto #0
 __all__ = ['VQA_PUNCT', 'PERIOD_STRIP', 'COMMA_STRIP', 'NUMBER_MAP', 'ARTICLES', 'CONTRACTIONS', 'MME_PERCEPTION',
-           'MME_COGNITION', 'SCIENCEQA_OPTIONS', 'SCIENCEQA_PATTERN', 'process_punctuation', 'process_digit_article',
-           'vqa_normalize', 'vqa_accuracy', 'pope_answer', 'pope_metrics', 'pope_scores', 'mme_parse',
-           'mme_subtask_score', 'mme_scores', 'gqa_match', 'scienceqa_letter']
+           'MME_COGNITION', 'SCIENCEQA_OPTIONS', 'SCIENCEQA_PATTERN', 'SCIENCEQA_INSTRUCTION', 'MMBENCH_INSTRUCTIONS',
+           'IMAGELESS_MODES', 'POPE_SPLITS', 'LAYOUTS', 'MMBENCH_LETTERS', 'ROTATION_STRIDE', 'MMBENCH_COLUMNS',
+           'LEADING_LETTER', 'ANSWER_IS_LETTER', 'VQAV2_TEST_FILE', 'MMBENCH_DROPPED', 'BENCHMARKS',
+           'process_punctuation', 'process_digit_article', 'vqa_normalize', 'vqa_accuracy', 'pope_answer',
+           'pope_metrics', 'pope_scores', 'mme_parse', 'mme_subtask_score', 'mme_scores', 'gqa_match',
+           'scienceqa_letter', 'BenchQuestion', 'set_imageless', 'Layout', 'llava_question', 'read_vqav2',
+           'read_vizwiz', 'read_vqav2_val', 'read_gqa', 'textvqa_accuracy', 'read_textvqa', 'read_pope', 'read_mme',
+           'read_scienceqa', 'mmbench_options', 'mmbench_prompt', 'rotate_options', 'read_mmbench', 'read_mmbench_cn',
+           'mmbench_match', 'score_mmbench', 'vqav2_submission', 'write_vqav2_submission', 'vizwiz_submission',
+           'write_vizwiz_submission', 'mmbench_submission', 'write_mmbench_submission', 'score_vqav2_val', 'score_gqa',
+           'score_textvqa', 'score_scienceqa', 'score_pope', 'score_mme', 'Benchmark', 'read_benchmark',
+           'missing_images', 'score_benchmark', 'markdown_table']
 
 # %% ../nbs/17_evaluation.ipynb #afc563b0
+import json
+import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from .prompts import IMAGE_TOKEN, SHORT_ANSWER_HINT
 
 # %% ../nbs/17_evaluation.ipynb #6a4a40b5
 VQA_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
@@ -165,3 +181,513 @@ def scienceqa_letter(text: str, n_options: int):
         found = SCIENCEQA_PATTERN.findall(text)
         letter = found[0] if len(found) == 1 else None
     return letter if letter in SCIENCEQA_OPTIONS[:n_options] else None
+
+# %% ../nbs/17_evaluation.ipynb #8e5bbcec
+SCIENCEQA_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+MMBENCH_INSTRUCTIONS = {"en": SCIENCEQA_INSTRUCTION, "cn": "请直接回答选项字母。"}
+IMAGELESS_MODES = ("zeros", "text")
+
+@dataclass
+class BenchQuestion:
+    """One benchmark question as the model is asked it. `text` is the human turn, `<image>` first when there is a
+    picture; the picture is `image` (a file under the benchmark's image folder) or `image_base64` (MMBench keeps it in
+    its tsv). `zero_image` asks for zero vectors in place of a missing picture. `meta` holds what the scorer needs."""
+    id: Union[int, str]
+    text: str
+    image: Optional[str] = None
+    image_base64: Optional[str] = None
+    meta: dict = field(default_factory=dict)
+    zero_image: Optional[bool] = None     # None: the official choice, True exactly when there is no picture
+
+    def __post_init__(self):
+        if self.zero_image is None: self.zero_image = not self.has_image
+
+    @property
+    def has_image(self) -> bool: return self.image is not None or self.image_base64 is not None
+
+    def conversations(self) -> list:
+        "The LLaVA conversation to generate from: this question, then an empty answer turn."
+        return [{"from": "human", "value": self.text}, {"from": "gpt", "value": ""}]
+
+# %% ../nbs/17_evaluation.ipynb #a7002b8a
+def set_imageless(questions: list, mode: str = "zeros") -> list:
+    """The switch for questions without a picture: `"zeros"` (the official run) marks them for a zero image,
+    `"text"` for a plain text-only run. Questions with a picture are left alone."""
+    if mode not in IMAGELESS_MODES: raise ValueError(f"imageless must be one of {IMAGELESS_MODES}, got {mode!r}")
+    for q in questions:
+        if not q.has_image: q.zero_image = mode == "zeros"
+    return questions
+
+# %% ../nbs/17_evaluation.ipynb #c3267466
+POPE_SPLITS = ("adversarial", "popular", "random")
+
+@dataclass(frozen=True)
+class Layout:
+    "Where a benchmark lives under the evaluation root (`$eval_dir` of the official scripts)."
+    folder: str               # the benchmark's folder, under the root
+    files: tuple              # what its reader needs inside `folder`
+    images: Optional[str]     # the image folder under the root; None when the pictures are in the question file
+
+LAYOUTS = {
+    "vqav2": Layout("eval/vqav2", ("llava_vqav2_mscoco_test-dev2015.jsonl",), "eval/vqav2/test2015"),
+    "vqav2_val": Layout("eval/vqav2", ("visualrwkv_vqav2_mscoco_val2014.jsonl", "v2_mscoco_val2014_annotations.json"),
+                        "eval/vqav2/val2014"),
+    "gqa": Layout("eval/gqa", ("llava_gqa_testdev_balanced.jsonl", "testdev_balanced_questions.json"),
+                  "images/gqa/images"),
+    "scienceqa": Layout("eval/scienceqa", ("llava_test_CQM-A.json", "problems.json"), "eval/scienceqa/images/test"),
+    "textvqa": Layout("eval/textvqa", ("llava_textvqa_val_v051_ocr.jsonl", "TextVQA_0.5.1_val.json"),
+                      "images/textvqa/train_images"),
+    "pope": Layout("eval/pope", ("llava_pope_test.jsonl", *(f"coco/coco_pope_{s}.json" for s in POPE_SPLITS)),
+                   "eval/pope/val2014"),
+    "mme": Layout("eval/MME", ("llava_mme.jsonl", "MME_Benchmark_release_version"),
+                  "eval/MME/MME_Benchmark_release_version"),
+    "mmbench": Layout("eval/mmbench", ("mmbench_dev_20230712.tsv",), None),
+    "mmbench_cn": Layout("eval/mmbench", ("mmbench_dev_cn_20231003.tsv",), None),
+    "vizwiz": Layout("eval/vizwiz", ("llava_test.jsonl",), "eval/vizwiz/test"),
+}
+
+# %% ../nbs/17_evaluation.ipynb #532c0de1
+def _bench_files(folder, name: str) -> list:
+    """Paths of the files benchmark `name` needs in `folder`; a missing one raises an error naming it and the layout
+    the official `scripts/eval/eval_<name>.sh` expects."""
+    layout = LAYOUTS[name]
+    paths = [Path(folder) / f for f in layout.files]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{name}: missing {', '.join(missing)}. Expected <root>/{layout.folder}/ holding "
+                                f"{', '.join(layout.files)}: LLaVA-1.5's evaluation layout, as the official "
+                                f"scripts/eval/eval_{name}.sh reads it")
+    return paths
+
+def _read_json(path):
+    "A JSON file, or an error naming it."
+    with open(path, encoding="utf-8") as f:
+        try: return json.load(f)
+        except json.JSONDecodeError as e: raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+
+def _read_jsonl(path) -> list:
+    "(where, record) for each line of a JSON-lines file; `where` is `path:line`, for error messages."
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip(): continue
+            try: out.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e: raise ValueError(f"{path}:{n}: not a JSON record ({e.msg})") from None
+    return out
+
+def _need(record: dict, keys, where: str):
+    "Raise an error naming the record and the keys it lacks."
+    missing = [k for k in keys if k not in record]
+    if missing: raise ValueError(f"{where}: the record has no {', '.join(map(repr, missing))} (keys: {sorted(record)})")
+
+def _lookup(table: dict, key, where: str, source: str):
+    "table[key], or an error saying which question has no entry in which file."
+    if key not in table: raise ValueError(f"{where}: no entry for {key!r} in {source}")
+    return table[key]
+
+# %% ../nbs/17_evaluation.ipynb #224ea911
+def llava_question(record: dict, where: str = "", **meta) -> BenchQuestion:
+    """A line of LLaVA's JSON-lines question files (`question_id`, `image`, `text`) as evaluate.py line 101 asks it:
+    `<image>`, a newline, then the text with whatever instruction the file put into it. `meta` goes to the scorer."""
+    _need(record, ("question_id", "text"), where)
+    image = record.get("image")
+    text = f"{IMAGE_TOKEN}\n{record['text']}" if image else record["text"]
+    return BenchQuestion(record["question_id"], text, image, meta=meta)
+
+# %% ../nbs/17_evaluation.ipynb #7711481f
+def read_vqav2(folder) -> list:
+    "VQAv2 test-dev questions. No answers: the EvalAI server scores the file `write_vqav2_submission` writes."
+    (questions,) = _bench_files(folder, "vqav2")
+    return [llava_question(r, w) for w, r in _read_jsonl(questions)]
+
+def read_vizwiz(folder) -> list:
+    "VizWiz test questions. No answers: the EvalAI server scores the file `write_vizwiz_submission` writes."
+    (questions,) = _bench_files(folder, "vizwiz")
+    return [llava_question(r, w) for w, r in _read_jsonl(questions)]
+
+def read_vqav2_val(folder) -> list:
+    "VQAv2 val2014 questions with the ten human `answers` and the `answer_type` of each, for a local score."
+    questions, annotations = _bench_files(folder, "vqav2_val")
+    anns = {a["question_id"]: a for a in _read_json(annotations)["annotations"]}
+    out = []
+    for w, r in _read_jsonl(questions):
+        ann = _lookup(anns, r.get("question_id"), w, annotations.name)
+        out.append(llava_question(r, w, answers=[a["answer"] for a in ann["answers"]], answer_type=ann["answer_type"]))
+    return out
+
+# %% ../nbs/17_evaluation.ipynb #499d48df
+def read_gqa(folder) -> list:
+    "GQA test-dev balanced questions with their gold `answers` (GQA's `answer`, or the record's `answers` list)."
+    questions, gold_file = _bench_files(folder, "gqa")
+    gold = _read_json(gold_file)
+    out = []
+    for w, r in _read_jsonl(questions):
+        g = _lookup(gold, str(r.get("question_id")), w, gold_file.name)
+        out.append(llava_question(r, w, answers=g["answers"] if "answers" in g else [g["answer"]]))
+    return out
+
+# %% ../nbs/17_evaluation.ipynb #afa6e6b5
+def textvqa_accuracy(prediction: str, answers: list) -> float:
+    """TextVQA accuracy of one prediction as m4c_evaluator.py: prediction and human answers through `vqa_normalize`,
+    then the mean over each answer left out of min(#matches among the others / 3, 1)."""
+    pred, gts = vqa_normalize(prediction), [vqa_normalize(a) for a in answers]
+    return sum(min(sum(g == pred for g in gts[:i] + gts[i + 1:]) / 3, 1) for i in range(len(gts))) / len(gts)
+
+def read_textvqa(folder) -> list:
+    "TextVQA val questions (question, OCR line, instruction) with their ten human `answers`, ids from the annotations."
+    questions, annotations = _bench_files(folder, "textvqa")
+    anns = {(a["image_id"], a["question"].lower()): a for a in _read_json(annotations)["data"]}
+    out = []
+    for w, r in _read_jsonl(questions):
+        ann = _lookup(anns, (r.get("question_id"), r.get("text", "").split("\n")[0].lower()), w, annotations.name)
+        if len(ann["answers"]) != 10:
+            raise ValueError(f"{annotations.name}: question {ann['question_id']} has {len(ann['answers'])} answers, "
+                             f"not 10")
+        q = llava_question(r, w, answers=ann["answers"])
+        q.id = ann["question_id"]
+        out.append(q)
+    return out
+
+# %% ../nbs/17_evaluation.ipynb #f7940f9e
+def read_pope(folder) -> list:
+    "POPE questions with their split (`category`) and yes/no `label`, matched on (split, image, question)."
+    questions, *split_files = _bench_files(folder, "pope")
+    labels = {}
+    for split, path in zip(POPE_SPLITS, split_files):
+        for w, r in _read_jsonl(path):
+            _need(r, ("image", "text", "label"), w)
+            labels[(split, r["image"], r["text"])] = r["label"]
+    out = []
+    for w, r in _read_jsonl(questions):
+        key = (r.get("category"), r.get("image"), r.get("text", "").split("\n")[0])
+        out.append(llava_question(r, w, category=key[0], label=_lookup(labels, key, w, "coco/coco_pope_<split>.json")))
+    return out
+
+# %% ../nbs/17_evaluation.ipynb #81452637
+def _mme_truth(release: Path) -> dict:
+    """(subtask, txt file, question) -> "Yes"/"No" from the MME release folder: `<picture>.txt` files of
+    `question<TAB>answer` lines, in `questions_answers_YN/` when the subtask keeps its pictures in `images/`."""
+    truth = {}
+    for task in sorted(p for p in release.iterdir() if p.is_dir()):
+        qa_dir = task / "questions_answers_YN" if (task / "images").is_dir() else task
+        for txt in sorted(qa_dir.glob("*.txt")):
+            for n, line in enumerate(txt.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip(): continue
+                parts = line.strip().split("\t")
+                if len(parts) != 2: raise ValueError(f"{txt}:{n}: expected 'question<TAB>Yes|No', got {line!r}")
+                truth[(task.name, txt.name, parts[0])] = parts[1]
+    return truth
+
+def _mme_keys(record: dict) -> list:
+    """The truth keys an llava_mme.jsonl line may have: subtask and txt file from its id, its text without the
+    short-answer instruction and with MME's "Please answer yes or no." (after one space, or two)."""
+    task, stem = record["question_id"].split("/")[0], record["question_id"].split("/")[-1].split(".")[0]
+    question = record["text"].replace(SHORT_ANSWER_HINT, "").strip()
+    if "Please answer yes or no." in question: return [(task, f"{stem}.txt", question)]
+    return [(task, f"{stem}.txt", question + gap + "Please answer yes or no.") for gap in (" ", "  ")]
+
+def read_mme(folder) -> list:
+    "MME questions with `subtask`, `image` and the truth `answer`; a picture's second question gets the id `<id>#2`."
+    questions, release = _bench_files(folder, "mme")
+    truth, seen, out = _mme_truth(release), Counter(), []
+    for w, r in _read_jsonl(questions):
+        _need(r, ("question_id", "text"), w)
+        key = next((k for k in _mme_keys(r) if k in truth), None)
+        if key is None: raise ValueError(f"{w}: no answer for {_mme_keys(r)[0]} in {release}")
+        q = llava_question(r, w, subtask=key[0], image=r["question_id"], answer=truth[key])
+        seen[q.id] += 1
+        if seen[q.id] > 1: q.id = f"{q.id}#{seen[q.id]}"
+        out.append(q)
+    return out
+
+# %% ../nbs/17_evaluation.ipynb #1b87e463
+def _scienceqa_text(record: dict, letter_instruction: bool) -> str:
+    "A ScienceQA turn with `<image>` moved to the front and, if asked, the letter instruction after it."
+    text = record["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip()
+    if "image" in record: text = f"{IMAGE_TOKEN}\n{text}"
+    if letter_instruction and not text.endswith(SCIENCEQA_INSTRUCTION): text = f"{text}\n{SCIENCEQA_INSTRUCTION}"
+    return text
+
+def read_scienceqa(folder, img_only: bool = True, letter_instruction: bool = True) -> list:
+    """ScienceQA test problems with the answer letter and option count (`answer`, `n_options`) from problems.json;
+    only those with a picture unless `img_only=False`."""
+    records, problems_file = _bench_files(folder, "scienceqa")
+    problems, out = _read_json(problems_file), []
+    for n, r in enumerate(_read_json(records)):
+        where = f"{records}[{n}]"
+        _need(r, ("id", "conversations"), where)
+        if img_only and "image" not in r: continue
+        p = _lookup(problems, r["id"], where, problems_file.name)
+        meta = dict(answer=SCIENCEQA_OPTIONS[p["answer"]], n_options=len(p["choices"]))
+        out.append(BenchQuestion(r["id"], _scienceqa_text(r, letter_instruction), r.get("image"), meta=meta))
+    return out
+
+# %% ../nbs/17_evaluation.ipynb #738092c2
+MMBENCH_LETTERS = "ABCD"
+ROTATION_STRIDE = 1_000_000      # rotated copies of MMBench question i carry the index i + k * ROTATION_STRIDE
+MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "answer", "category", "image")
+
+def _blank(value) -> bool:
+    "An empty tsv cell as evaluate.py's `is_none` sees it: None, NaN, or the text 'nan' / 'none' in any case."
+    if isinstance(value, float): return math.isnan(value)
+    return value is None or (isinstance(value, str) and value.lower() in ("nan", "none"))
+
+def mmbench_options(row: dict) -> dict:
+    "Letter -> option text of an MMBench row, up to the first empty option (evaluate.py's `get_options`)."
+    options = {}
+    for letter in MMBENCH_LETTERS:
+        if _blank(row.get(letter)): break
+        options[letter] = str(row[letter])
+    return options
+
+def mmbench_prompt(question: str, hint, options: dict, lang: str = "en") -> str:
+    """The human turn of evaluate.py's `get_input_text_mmbench`: `<image>`, the hint if any, the question, an
+    `X. option` line per option, the instruction (Chinese for `lang="cn"`)."""
+    lines = ([] if _blank(hint) else [str(hint)]) + [str(question)] + [f"{k}. {v}" for k, v in options.items()]
+    return "\n".join([IMAGE_TOKEN, *lines, MMBENCH_INSTRUCTIONS[lang]])
+
+# %% ../nbs/17_evaluation.ipynb #7f4df903
+def rotate_options(options: dict, answer: str, k: int) -> tuple:
+    "The option texts shifted k places (k=1: B-C-D-A under the letters A-B-C-D) and the letter the answer moves to."
+    letters, texts = list(options), list(options.values())
+    return dict(zip(letters, texts[k:] + texts[:k])), letters[(letters.index(answer) - k) % len(letters)]
+
+# %% ../nbs/17_evaluation.ipynb #44c8f987
+def _mmbench_rows(row: dict, lang: str, rotate: bool, where) -> list:
+    "The question of one MMBench row: once, or once per rotation of its options (ids index + k * ROTATION_STRIDE)."
+    options, index = mmbench_options(row), int(row["index"])
+    if row["answer"] not in options:
+        raise ValueError(f"{where}: row {index}: answer {row['answer']!r} is not one of its options {list(options)}")
+    out = []
+    for k in range(len(options) if rotate else 1):
+        opts, answer = rotate_options(options, row["answer"], k)
+        meta = dict(options=opts, answer=answer, group=index % ROTATION_STRIDE, category=row["category"],
+                    l2_category=row.get("l2-category"))
+        out.append(BenchQuestion(index + k * ROTATION_STRIDE, mmbench_prompt(row["question"], row["hint"], opts, lang),
+                                 image_base64=row["image"], meta=meta))
+    return out
+
+def read_mmbench(folder, lang: str = "en", circular: bool = True) -> list:
+    """MMBench dev questions (MMBench-CN with `lang="cn"`), one per tsv row with the picture in base64. `circular` asks
+    every rotation: the file's own copies, or rotations made here when the file has none; else original rows only."""
+    import pandas as pd
+    if lang not in MMBENCH_INSTRUCTIONS:
+        raise ValueError(f"lang must be one of {list(MMBENCH_INSTRUCTIONS)}, got {lang!r}")
+    (tsv,) = _bench_files(folder, "mmbench" if lang == "en" else "mmbench_cn")
+    table = pd.read_table(tsv, dtype=str)       # text as written ("1", not 1.0); empty cells still read as NaN
+    missing = [c for c in MMBENCH_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{tsv}: no column {', '.join(missing)}; an MMBench tsv has {', '.join(MMBENCH_COLUMNS)}")
+    rows = table.to_dict("records")
+    has_copies = any(int(r["index"]) >= ROTATION_STRIDE for r in rows)
+    kept = [r for r in rows if circular or int(r["index"]) < ROTATION_STRIDE]
+    return [q for r in kept for q in _mmbench_rows(r, lang, circular and not has_copies, tsv)]
+
+def read_mmbench_cn(folder, circular: bool = True) -> list:
+    "MMBench-CN dev questions: `read_mmbench` with the Chinese instruction."
+    return read_mmbench(folder, "cn", circular)
+
+# %% ../nbs/17_evaluation.ipynb #1d599708
+LEADING_LETTER = re.compile(r"^\(?([A-Z])(?:[.):,]|\s*$)")
+ANSWER_IS_LETTER = re.compile(r"[Aa]nswer(?: is)?:?\s*\(?([A-Z])(?=[.):,]|\s*$)")
+
+def _plain(text: str) -> str: return text.strip().rstrip(".").strip().lower()
+
+def mmbench_match(prediction: str, options: dict) -> Optional[str]:
+    """The option letter a free-text answer picks, or None: a leading letter alone or with punctuation ("B", "B.",
+    "(B)"), or one after "answer is"; else the one option whose text the answer equals, or else contains."""
+    text = prediction.strip()
+    for pattern in (LEADING_LETTER, ANSWER_IS_LETTER):
+        found = pattern.search(text)
+        if found and found.group(1) in options: return found.group(1)
+    said = _plain(text)
+    for fits in (lambda option: option == said, lambda option: option in said):
+        hits = [letter for letter, option in options.items() if fits(_plain(option))]
+        if len(hits) == 1: return hits[0]
+    return None
+
+# %% ../nbs/17_evaluation.ipynb #eb2ca594
+def _percent(values) -> float:
+    "100 × the mean of booleans or scores; 0 for none."
+    values = list(values)
+    return 100 * sum(values) / len(values) if values else 0.0
+
+def _percent_by(meta: dict, right: dict, key: str) -> dict:
+    "Percent right per value of meta[group][key], over groups."
+    groups = defaultdict(list)
+    for g, ok in right.items(): groups[meta[g][key]].append(ok)
+    return {k: _percent(v) for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}
+
+def score_mmbench(questions: list, answers: dict) -> dict:
+    """Circular accuracy in percent, overall and per category / l2-category: a question is right only if every one of
+    its rotations gets the right letter from `mmbench_match`. Answers no rule reads count wrong, listed as unmatched."""
+    right, meta, unmatched = defaultdict(lambda: True), {}, []
+    for q in questions:
+        said = answers.get(q.id)
+        letter = None if said is None else mmbench_match(said, q.meta["options"])
+        if said is not None and letter is None: unmatched.append(q.id)
+        right[q.meta["group"]] &= letter == q.meta["answer"]
+        meta.setdefault(q.meta["group"], q.meta)
+    return dict(accuracy=_percent(right.values()), unmatched=len(unmatched), unmatched_ids=unmatched,
+                per_category=_percent_by(meta, right, "category"),
+                per_l2_category=_percent_by(meta, right, "l2_category"))
+
+# %% ../nbs/17_evaluation.ipynb #0ce3aa43
+VQAV2_TEST_FILE = "llava_vqav2_mscoco_test2015.jsonl"
+MMBENCH_DROPPED = ["hint", "category", "source", "image", "comment", "l2-category"]
+
+def _write_json(dst, obj):
+    "`obj` written as the official converters write it (`json.dump`, default separators); returns `obj`."
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(dst, "w") as f: json.dump(obj, f)
+    return obj
+
+def vqav2_submission(test_ids: list, answers: dict) -> list:
+    "convert_vqav2_for_submission.py: every test2015 id in order, the `vqa_normalize`d answer or '' when none."
+    return [{"question_id": i, "answer": "" if answers.get(i) is None else vqa_normalize(answers[i])} for i in test_ids]
+
+def write_vqav2_submission(folder, answers: dict, dst) -> list:
+    "`vqav2_submission` over the ids of <folder>/llava_vqav2_mscoco_test2015.jsonl, written as JSON to `dst`."
+    test_file = Path(folder) / VQAV2_TEST_FILE
+    if not test_file.exists():
+        raise FileNotFoundError(f"vqav2: missing {test_file}, the full test2015 question file the upload must cover")
+    return _write_json(dst, vqav2_submission([r["question_id"] for _, r in _read_jsonl(test_file)], answers))
+
+def vizwiz_submission(questions: list, answers: dict) -> list:
+    "convert_vizwiz_for_submission.py: `image` and `vqa_normalize`d answer per question; refuses missing answers."
+    missing = [q.id for q in questions if answers.get(q.id) is None]
+    if missing:
+        raise ValueError(f"vizwiz: {len(missing)} questions have no answer (first: {missing[:5]}); "
+                         f"the upload needs all")
+    return [{"image": q.image, "answer": vqa_normalize(answers[q.id])} for q in questions]
+
+def write_vizwiz_submission(questions: list, answers: dict, dst) -> list:
+    "`vizwiz_submission` written as JSON to `dst`."
+    return _write_json(dst, vizwiz_submission(questions, answers))
+
+def mmbench_submission(tsv, answers: dict):
+    "convert_mmbench_for_submission.py's table: the tsv less MMBENCH_DROPPED, with `prediction` (None if none) 7th."
+    import pandas as pd
+    table = pd.read_table(tsv)
+    missing = [c for c in MMBENCH_DROPPED if c not in table.columns]
+    if missing: raise ValueError(f"{tsv}: no column {', '.join(missing)}; the MMBench upload drops {MMBENCH_DROPPED}")
+    out = table.drop(columns=MMBENCH_DROPPED)
+    out.insert(6, "prediction", [answers.get(int(i)) for i in table["index"]])
+    return out
+
+def write_mmbench_submission(folder, answers: dict, dst, lang: str = "en"):
+    "`mmbench_submission` of the benchmark's tsv saved as the .xlsx the MMBench server takes (needs openpyxl)."
+    (tsv,) = _bench_files(folder, "mmbench" if lang == "en" else "mmbench_cn")
+    table = mmbench_submission(tsv, answers)
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    table.to_excel(dst, index=False, engine="openpyxl")
+    return table
+
+# %% ../nbs/17_evaluation.ipynb #3d5cf149
+def _each(questions: list, answers: dict, score: Callable) -> list:
+    "score(answer, question) for each question; 0 (wrong) for a question without an answer."
+    return [0.0 if answers.get(q.id) is None else score(answers[q.id], q) for q in questions]
+
+def score_vqav2_val(questions: list, answers: dict) -> dict:
+    "VQAv2 accuracy in percent, overall and per answer type (eval_vqa.py)."
+    accs, by_type = _each(questions, answers, lambda a, q: vqa_accuracy(a, q.meta["answers"])), defaultdict(list)
+    for q, acc in zip(questions, accs): by_type[q.meta["answer_type"]].append(acc)
+    return dict(accuracy=_percent(accs), per_answer_type={t: _percent(v) for t, v in sorted(by_type.items())})
+
+def score_gqa(questions: list, answers: dict) -> dict:
+    "GQA accuracy in percent: `gqa_match` with any gold answer."
+    right = _each(questions, answers, lambda a, q: any(gqa_match(a, g) for g in q.meta["answers"]))
+    return dict(accuracy=_percent(right))
+
+def score_textvqa(questions: list, answers: dict) -> dict:
+    "TextVQA accuracy in percent (`textvqa_accuracy`)."
+    return dict(accuracy=_percent(_each(questions, answers, lambda a, q: textvqa_accuracy(a, q.meta["answers"]))))
+
+def score_scienceqa(questions: list, answers: dict) -> dict:
+    "ScienceQA accuracy in percent, over all questions given and over those with a picture (IMG); unread = wrong."
+    ok = _each(questions, answers, lambda a, q: scienceqa_letter(a, q.meta["n_options"]) == q.meta["answer"])
+    return dict(accuracy=_percent(ok), img_accuracy=_percent(r for r, q in zip(ok, questions) if q.has_image))
+
+def _pope_said(said: Optional[str], label: str) -> str:
+    "The answer, or for a missing one the verdict opposite to the label, so that it is wrong."
+    if said is not None: return said
+    return "no" if label.strip().lower() == "yes" else "yes"
+
+def score_pope(questions: list, answers: dict) -> dict:
+    "POPE F1 in percent per split and their mean, with every `pope_scores` metric (fractions) under `splits`."
+    scores = pope_scores([dict(category=q.meta["category"], label=q.meta["label"],
+                               prediction=_pope_said(answers.get(q.id), q.meta["label"])) for q in questions])
+    splits = {k: v for k, v in scores.items() if k != "mean_f1"}
+    return dict({f"f1_{k}": 100 * v["f1"] for k, v in splits.items()}, f1_mean=100 * scores["mean_f1"], splits=splits)
+
+def score_mme(questions: list, answers: dict) -> dict:
+    "MME subtask, perception and cognition scores (`mme_scores`); no answer parses as 'other', which is wrong."
+    return mme_scores([dict(subtask=q.meta["subtask"], image=q.meta["image"], answer=q.meta["answer"],
+                            prediction=answers.get(q.id) or "") for q in questions])
+
+# %% ../nbs/17_evaluation.ipynb #1cff85f6
+@dataclass(frozen=True)
+class Benchmark:
+    "Where a benchmark's files are, how to read and score it (scorer None: server only), what to report, how to upload."
+    layout: Layout
+    reader: Callable
+    scorer: Optional[Callable]
+    headline: tuple = ()
+    submission: Optional[Callable] = None
+
+BENCHMARKS = {
+    "vqav2": Benchmark(LAYOUTS["vqav2"], read_vqav2, None, submission=write_vqav2_submission),
+    "vqav2_val": Benchmark(LAYOUTS["vqav2_val"], read_vqav2_val, score_vqav2_val, ("accuracy",)),
+    "gqa": Benchmark(LAYOUTS["gqa"], read_gqa, score_gqa, ("accuracy",)),
+    "scienceqa": Benchmark(LAYOUTS["scienceqa"], read_scienceqa, score_scienceqa, ("img_accuracy",)),
+    "textvqa": Benchmark(LAYOUTS["textvqa"], read_textvqa, score_textvqa, ("accuracy",)),
+    "pope": Benchmark(LAYOUTS["pope"], read_pope, score_pope, ("f1_adversarial", "f1_popular", "f1_random", "f1_mean")),
+    "mme": Benchmark(LAYOUTS["mme"], read_mme, score_mme, ("perception", "cognition")),
+    "mmbench": Benchmark(LAYOUTS["mmbench"], read_mmbench, score_mmbench, ("accuracy", "unmatched"),
+                         write_mmbench_submission),
+    "mmbench_cn": Benchmark(LAYOUTS["mmbench_cn"], read_mmbench_cn, score_mmbench, ("accuracy", "unmatched"),
+                            write_mmbench_submission),
+    "vizwiz": Benchmark(LAYOUTS["vizwiz"], read_vizwiz, None, submission=write_vizwiz_submission),
+}
+
+def _benchmark(name: str) -> Benchmark:
+    if name not in BENCHMARKS: raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[name]
+
+def read_benchmark(name: str, root, imageless: str = "zeros", **options) -> list:
+    """The questions of benchmark `name` under the evaluation root (the folder holding `eval/`), with the switch for
+    questions without a picture applied; `options` go to the reader (`img_only`, `letter_instruction`, `circular`)."""
+    bench = _benchmark(name)
+    return set_imageless(bench.reader(Path(root) / bench.layout.folder, **options), imageless)
+
+def missing_images(questions: list, image_folder) -> list:
+    "Ids of questions whose picture file is not in `image_folder` (skip them: `score_benchmark` counts them wrong)."
+    return [q.id for q in questions if q.image is not None and not (Path(image_folder) / q.image).exists()]
+
+# %% ../nbs/17_evaluation.ipynb #d796e36b
+def score_benchmark(name: str, questions: list, answers: dict, max_missing: float = 0.01) -> dict:
+    """Scores of `answers` (question id -> text) on benchmark `name`: `headline` numbers, all `details`, and the ids
+    of questions without an answer, which count as wrong. More than `max_missing` (a fraction) missing is an error."""
+    bench, ids = _benchmark(name), [q.id for q in questions]
+    if bench.scorer is None:
+        raise ValueError(f"{name} has no public answers: write the upload file with {bench.submission.__name__} and "
+                         f"submit it to the benchmark's server")
+    if not ids: raise ValueError(f"{name}: no questions to score")
+    repeated = [i for i, n in Counter(ids).items() if n > 1]
+    if repeated: raise ValueError(f"{name}: question ids must be unique, repeated: {repeated[:5]}")
+    missing = [i for i in ids if answers.get(i) is None]
+    if len(missing) > max_missing * len(ids):
+        raise ValueError(f"{name}: {len(missing)} of {len(ids)} questions have no answer "
+                         f"({len(missing) / len(ids):.1%}, more than max_missing={max_missing:.1%}); "
+                         f"first missing ids: {missing[:5]}")
+    details = bench.scorer(questions, answers)
+    return dict(benchmark=name, questions=len(ids), missing=missing,
+                headline={k: details[k] for k in bench.headline if k in details}, details=details)
+
+def markdown_table(scores: dict) -> str:
+    "A one-row markdown table of a `score_benchmark` result: the headline numbers, the question and missing counts."
+    cells = {"benchmark": scores["benchmark"], **scores["headline"], "questions": scores["questions"],
+             "missing": len(scores["missing"])}
+    text = [f"{v:.1f}" if isinstance(v, float) else str(v) for v in cells.values()]
+    return "\n".join(["| " + " | ".join(cells) + " |", "|" + "---|" * len(cells), "| " + " | ".join(text) + " |"])
