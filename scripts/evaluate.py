@@ -1,7 +1,7 @@
 """Greedy answers of a VisualRWKV checkpoint on a LLaVA-format question set, and their VQA-style exact-match accuracy.
 
 Each record's last `gpt` turn is the reference answer; the turns before it are the prompt, which ends with
-`Assistant:` as in training. Answers are generated greedily in RNN mode (`visualrwkv.model.generate`) until the
+`Assistant:` as in training. Answers are generated greedily in RNN mode (`visualrwkv.generate.generate`) until the
 turn's stop token `\\n\\n`. Prediction and reference are compared after VQA-style normalisation (lower case, punctuation,
 articles and extra spaces removed, number words as digits).
 
@@ -23,10 +23,8 @@ from pathlib import Path
 import torch
 
 from visualrwkv.data import BadSample, BadSampleWarning, conversation_problem, load_image, read_llava_records
-from visualrwkv.model import generate, load_visualrwkv
-from visualrwkv.prompts import STOP_TOKEN_INDEX, default_tokenizer, tokenize_conversation
-from visualrwkv.rwkv import pick_dtype
-from visualrwkv.train import read_model_config
+from visualrwkv.generate import generate, load_for_inference, stop_token_ids
+from visualrwkv.prompts import default_tokenizer, tokenize_conversation
 
 NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 ARTICLES = {"a", "an", "the"}
@@ -76,14 +74,8 @@ def load_model(args):
     """The checkpoint with the model_config.json that training wrote beside it (in <out>/ and in every
     checkpoints/step-N/), or --config; flags override it. Without one the paper's defaults are used, with a warning:
     a stage-1 model puts the image first, not in the middle."""
-    cfg = read_model_config(args.config if args.config else args.model)
-    if args.config and not cfg: raise ValueError(f"--config {args.config}: no model_config.json there")
-    if not cfg: warnings.warn(f"no model_config.json beside {args.model}: using the defaults (image in the middle, all "
-                              "patches, bidirectional scan) unless flags say otherwise")
-    for key in ("grid_size", "scan", "image_position", "vision_head_width"):
-        if getattr(args, key) is not None: cfg[key] = getattr(args, key)
-    model = load_visualrwkv(args.model, **cfg)
-    return model.to(args.device, pick_dtype(args.device)).eval()
+    flags = {key: getattr(args, key) for key in ("grid_size", "scan", "image_position", "vision_head_width")}
+    return load_for_inference(args.model, args.device, config=args.config, **flags)[0]
 
 
 def main(argv=None):
@@ -113,9 +105,9 @@ def main(argv=None):
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start:start + args.batch_size]
         images = [None if p["image"] is None else p["image"].to(args.device) for p in chunk]
-        new = generate(model, [p["ids"] for p in chunk], images, max_new_tokens=args.max_new_tokens, temperature=0.0)
-        for p, ids in zip(chunk, new.tolist()):
-            ids = ids[:ids.index(STOP_TOKEN_INDEX)] if STOP_TOKEN_INDEX in ids else ids
+        new = generate(model, [p["ids"] for p in chunk], images, max_new_tokens=args.max_new_tokens, temperature=0.0,
+                       stop_ids=stop_token_ids(tokenizer))
+        for p, ids in zip(chunk, new):
             answer = tokenizer.decode(ids).strip()
             rows.append(dict(id=p["id"], question=p["question"], question_type=p["question_type"], answer=answer,
                              reference=p["reference"],

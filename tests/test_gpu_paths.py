@@ -14,7 +14,8 @@ import warnings
 import pytest
 import torch
 
-from visualrwkv.model import VisualRWKV, generate, next_token_loss, visual_forward_embeds
+from visualrwkv.generate import decode_step, generate, prefill
+from visualrwkv.model import VisualRWKV, next_token_loss
 from visualrwkv.prompts import IMAGE_TOKEN_INDEX
 from visualrwkv.rwkv import RWKV6Config, pick_dtype, randomize_
 from visualrwkv.vision import VisionConfig
@@ -125,21 +126,21 @@ def test_bf16_rnn_mode_generation_through_the_kernel_path(dispatch, monkeypatch)
     m16 = as_impl(model, torch.bfloat16, None if dispatch == "cuda" else "triton")
     m32 = as_impl(model, torch.float32, "chunked")
     images16 = [None if im is None else im.bfloat16() for im in images]
-    new = generate(m16, samples, images16, max_new_tokens=6, temperature=0.0, stop_token=-1)       # [B, 6]
-    assert new.shape == (3, 6)
+    new = generate(m16, samples, images16, max_new_tokens=6, temperature=0.0, stop_ids=())          # B lists of 6
+    assert [len(ids) for ids in new] == [6, 6, 6]
     for b, (ids, image) in enumerate(zip(samples, images)):
-        full = ids + new[b].tolist()
+        full = ids + new[b]
         want = m32([full], None if image is None else [image]).logits[0, -7:]                     # [7, vocab]
-        out = m16([ids], None if image is None else [image.bfloat16()])
-        steps, state = [out.logits[0, -1]], out.state
-        for t in new[b].tolist():
-            logits, state = visual_forward_embeds(m16, m16.rwkv.emb(torch.tensor([[t]])), state=state)
-            steps.append(logits[0, 0])
+        logits, state = prefill(m16, [ids], None if image is None else [image.bfloat16()])
+        steps = [logits[0]]
+        for t in new[b]:
+            logits, state = decode_step(m16, torch.tensor([t]), state)
+            steps.append(logits[0])
         got = torch.stack(steps)                                                                   # [7, vocab]
         assert rel_err(got, want) < 3e-2, (b, rel_err(got, want))
         top2 = want[:-1].topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > 0.1 * want.abs().max()
-        assert torch.equal(new[b][clear], want[:-1].argmax(-1)[clear])
+        assert torch.equal(torch.tensor(new[b])[clear], want[:-1].argmax(-1)[clear])
     if dispatch == "cuda": assert {"triton", "naive"} == set(calls)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from visualrwkv.model import VisualRWKV, build_batch, generate, next_token_loss, visual_forward_embeds
+from visualrwkv.model import VisualRWKV, build_batch, next_token_loss, visual_forward_embeds
 from visualrwkv.prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from visualrwkv.rwkv import HybridLayerState, RWKV6Config, TinyAttention, randomize_
 from visualrwkv.scans import patch_order, layer_order
@@ -135,15 +135,6 @@ def test_labels_expand_and_loss():
     assert all(p.grad is None for p in model.vit.parameters())
 
 
-def test_generate_batched_equals_alone():
-    model = make_model("multidirectional", grid_size=1, seed=31)
-    samples, images = make_samples(seed=37)
-    new = generate(model, samples, images, max_new_tokens=5, stop_token=-1)
-    for b in range(len(samples)):
-        alone = generate(model, [samples[b]], None if images[b] is None else [images[b]], max_new_tokens=5, stop_token=-1)
-        assert torch.equal(new[b], alone[0])
-
-
 @pytest.mark.parametrize("samples, images, match", [
     ([[1, IMAGE_TOKEN_INDEX, 2, IMAGE_TOKEN_INDEX]], [torch.zeros(3, 28, 28)], "at most one image"),
     ([[1, 2]], [torch.zeros(3, 28, 28)], "no -200 placeholder"),
@@ -246,17 +237,6 @@ def test_hybrid_state_continues_the_sequence(layer):
         for b in range(len(samples)):
             full = model([samples[b] + tail[b]], None if images[b] is None else [images[b]])
             torch.testing.assert_close(second.logits[b, :len(tail[b])], full.logits[0, -len(tail[b]):], atol=1e-10, rtol=0)
-
-
-def test_hybrid_generate_equals_parallel_and_alone():
-    model = make_hybrid(seed=59)
-    samples, images = make_samples(seed=61)
-    new = generate(model, samples, images, max_new_tokens=4, stop_token=-1)
-    for b in range(len(samples)):
-        img = None if images[b] is None else [images[b]]
-        assert torch.equal(generate(model, [samples[b]], img, max_new_tokens=4, stop_token=-1)[0], new[b])
-        with torch.no_grad(): full = model([samples[b] + new[b, :-1].tolist()], img).logits[0]
-        assert torch.equal(full[-4:].argmax(-1), new[b])
 
 
 def official_bidirectional_forward(model, x, img_start, img_end):
