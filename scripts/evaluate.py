@@ -2,8 +2,11 @@
 
 Each record's last `gpt` turn is the reference answer; the turns before it are the prompt, which ends with
 `Assistant:` as in training. Answers are generated greedily in RNN mode (`visualrwkv.generate.generate`) until the
-turn's stop token `\\n\\n`. Prediction and reference are compared after VQA-style normalisation (lower case, punctuation,
-articles and extra spaces removed, number words as digits).
+turn's stop token `\\n\\n`. Prediction and reference are compared exactly after the EvalAI answer processor that
+TextVQA and VizWiz use (`visualrwkv.eval.vqa_normalize`: lower case, punctuation, articles, number words as digits).
+A question that cannot be asked (missing image, bad record) counts as wrong and is named; more than `--max-missing`
+of them (default 1%) stops the run with an error instead of a score. The paper's benchmarks are scored by
+`visualrwkv evaluate` with their own official rules; this script is for LLaVA-format sets such as the toy one.
 
     python scripts/evaluate.py --model runs/toy/stage2/visualrwkv.pth --data runs/toy/toy_data/eval.jsonl
 
@@ -13,7 +16,6 @@ best a model that ignores the image can do on this set.
 """
 import argparse
 import json
-import re
 import sys
 import time
 import warnings
@@ -24,18 +26,8 @@ import torch
 
 from visualrwkv.data import BadSample, BadSampleWarning, conversation_problem, load_image, read_llava_records
 from visualrwkv.generate import generate, load_for_inference, stop_token_ids
+from visualrwkv.eval import vqa_normalize as normalize_answer
 from visualrwkv.prompts import default_tokenizer, tokenize_conversation
-
-NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
-ARTICLES = {"a", "an", "the"}
-
-
-def normalize_answer(text: str) -> str:
-    """VQA-style normalisation: 'The Red.' -> 'red', 'Three!' -> '3', 'on the  left' -> 'on left'."""
-    text = re.sub(r"(?<=\d),(?=\d)", "", text.lower().strip())           # 1,000 -> 1000
-    text = re.sub(r"[^\w\s.]|(?<!\d)\.|\.(?!\d)", " ", text)               # punctuation, but not a decimal point
-    words = [NUMBERS.get(w, w) for w in text.split() if w not in ARTICLES]
-    return " ".join(words)
 
 
 def split_prompt(conversations):
@@ -66,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--max-missing", type=float, default=0.01,
+                   help="refuse to report a score when more than this fraction of questions cannot be asked")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -85,6 +79,7 @@ def main(argv=None):
     records = read_llava_records(args.data)
     image_folder = Path(args.image_folder) if args.image_folder else Path(args.data).parent
     n = len(records) if args.limit is None else min(args.limit, len(records))
+    if not n: raise ValueError(f"{args.data}: no questions")
     prompts, skipped = [], []
     for i in range(n):
         record, sid = records[i], str(records[i].get("id") or f"#{i}")
@@ -97,9 +92,11 @@ def main(argv=None):
             prompts.append(dict(id=sid, ids=ids, image=image, question=question, reference=reference,
                                 question_type=record.get("question_type")))
         except BadSample as e:
-            warnings.warn(f"skipping question {sid!r}: {e}", BadSampleWarning)
-            skipped.append(sid)
-    if not prompts: raise ValueError(f"{args.data}: no usable question among {n}")
+            warnings.warn(f"question {sid!r} cannot be asked, counted wrong: {e}", BadSampleWarning)
+            skipped.append(dict(id=sid, error=str(e), question_type=records[i].get("question_type"), correct=False))
+    if len(skipped) > args.max_missing * n:
+        raise ValueError(f"{args.data}: {len(skipped)} of {n} questions cannot be asked (more than --max-missing="
+                         f"{args.max_missing:.1%}), e.g. {skipped[0]['id']!r}: {skipped[0]['error']}")
 
     rows, t0 = [], time.time()
     for start in range(0, len(prompts), args.batch_size):
@@ -113,6 +110,7 @@ def main(argv=None):
                              reference=p["reference"],
                              correct=normalize_answer(answer) == normalize_answer(p["reference"])))
     elapsed = time.time() - t0
+    rows += skipped
 
     out = Path(args.out) if args.out else Path(args.model).parent / "answers.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,15 +119,15 @@ def main(argv=None):
     tmp.replace(out)
 
     accuracy = sum(r["correct"] for r in rows) / len(rows)
-    baseline = question_only_baseline(rows)
-    print(f"{len(rows)} questions ({len(skipped)} skipped) in {elapsed:.1f}s; answers in {out}")
+    baseline = question_only_baseline([r for r in rows if "error" not in r])
+    print(f"{len(rows)} questions ({len(skipped)} could not be asked, counted wrong) in {elapsed:.1f}s; answers in {out}")
     types = sorted({r["question_type"] for r in rows if r["question_type"]})
     if types:
         print(f"{'question type':<16}{'n':>5}{'accuracy':>10}{'question-only':>15}")
         for t in types:
             sub = [r for r in rows if r["question_type"] == t]
             print(f"{t:<16}{len(sub):>5}{sum(r['correct'] for r in sub) / len(sub):>10.1%}"
-                  f"{question_only_baseline(sub):>15.1%}")
+                  f"{question_only_baseline([r for r in sub if 'error' not in r]):>15.1%}")
     print(f"exact-match accuracy {accuracy:.1%} (question-only baseline {baseline:.1%})")
     summary = dict(n=len(rows), skipped=len(skipped), accuracy=accuracy, question_only_baseline=baseline)
     tmp = out.with_name("eval_summary.json.tmp")

@@ -1,7 +1,7 @@
 """Run notebooks top to bottom at full size (not under IN_TEST) and save their outputs, so they read as a tutorial.
 
-Cells flagged with a skipped `tst_flags` flag (`#| cuda`, `#| slow`) are not run unless named with --flags, exactly as
-`nbdev_test` does. Run after editing a notebook:  python scripts/execute_notebooks.py nbs/03_wkv.ipynb [...]
+Cells flagged with a skipped `tst_flags` flag (`#| cuda`, `#| slow`) are not run unless named with --flags, and cells
+marked `#| eval: false` never, exactly as `nbdev_test` does. Run after editing a notebook:  python scripts/execute_notebooks.py nbs/03_wkv.ipynb [...]
 """
 import argparse
 import os
@@ -11,6 +11,15 @@ from pathlib import Path
 
 from execnb.nbio import read_nb, write_nb
 from execnb.shell import CaptureShell
+
+
+def directives(source) -> str:
+    "The cell's leading `#|` lines, e.g. '#| export\n#| eval: false' (nbdev skips a cell marked `eval: false`)."
+    lines = []
+    for line in source.splitlines():
+        if not line.startswith("#|"): break
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def cell_flags(source):
@@ -30,7 +39,8 @@ def execute(path, skip):
     cwd = os.getcwd()
     os.chdir(Path(path).parent)
     try:
-        shell.run_all(nb, exc_stop=True, preproc=lambda c: c.cell_type != "code" or bool(cell_flags(c.source) & skip))
+        shell.run_all(nb, exc_stop=True, preproc=lambda c: c.cell_type != "code" or bool(cell_flags(c.source) & skip)
+                      or "eval: false" in directives(c.source))
     finally:
         os.chdir(cwd)
     write_nb(nb, path)
