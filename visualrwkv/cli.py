@@ -8,7 +8,7 @@ __all__ = ['EXAMPLES', 'CHECK_DATA_HELP', 'TRAIN_HELP', 'get_chunk', 'read_quest
            'add_check_data_flags', 'add_train_flags', 'train_parser', 'parse_train_args', 'run_train', 'build_parser',
            'add_run_flags', 'main']
 
-# %% ../nbs/20_cli.ipynb #d5e1a5c6
+# %% ../nbs/20_cli.ipynb #ba6c9d63
 import argparse
 import base64
 import io
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-# %% ../nbs/20_cli.ipynb #80955877
+# %% ../nbs/20_cli.ipynb #f6f4a9ab
 def get_chunk(items: list, num_chunks: int, chunk_idx: int) -> list:
     """Part `chunk_idx` of `items` cut into `num_chunks` consecutive parts of ceil(len / num_chunks) items (the last
     shorter, trailing ones possibly empty), as the official evaluate.py splits a question file across GPUs."""
@@ -29,7 +29,7 @@ def get_chunk(items: list, num_chunks: int, chunk_idx: int) -> list:
     size = math.ceil(len(items) / num_chunks)
     return items[chunk_idx * size:(chunk_idx + 1) * size]
 
-# %% ../nbs/20_cli.ipynb #5ed08c65
+# %% ../nbs/20_cli.ipynb #28fa3c0a
 def read_question_file(path) -> list:
     """The questions of a LLaVA question file (`.jsonl`, one `{"question_id", "text", "image"?, ...}` per line, or a
     `.json` list) as `eval.BenchQuestion`s; the record's other fields go to `meta`."""
@@ -52,7 +52,7 @@ def read_question_file(path) -> list:
     return [llava_question(r, w, **{k: v for k, v in r.items() if k not in ("question_id", "text", "image")})
             for r, w in zip(records, where)]
 
-# %% ../nbs/20_cli.ipynb #ca4dae3f
+# %% ../nbs/20_cli.ipynb #e8b4ea58
 def question_image(question, image_folder, image_size: int):
     """The picture [3, S, S] a question is asked with, or None; `data.BadSample` naming the question when its file is
     missing or does not decode."""
@@ -77,7 +77,7 @@ def question_prompt(question, image_position: str, tokenizer) -> list:
     from visualrwkv.prompts import tokenize_conversation
     return tokenize_conversation(question.conversations(), image_position, tokenizer)[0]
 
-# %% ../nbs/20_cli.ipynb #cf6540f6
+# %% ../nbs/20_cli.ipynb #897ddaa0
 def answer_row(question, model_id: str, **fields) -> dict:
     "One line of an answer file, in the official evaluate.py's format (`text`, or `error` when it could not be asked)."
     return dict(question_id=question.id, prompt=question.text, **fields, model_id=model_id,
@@ -110,7 +110,7 @@ def answer_questions(model, tokenizer, questions: list, image_folder=None, batch
         bar.update(len(batch))
     bar.close()
 
-# %% ../nbs/20_cli.ipynb #41d3b13a
+# %% ../nbs/20_cli.ipynb #0ead1072
 def read_answer_rows(path) -> list:
     "The rows of an answer file (JSON lines); a last line cut off by an interruption is ignored."
     rows = []
@@ -142,7 +142,7 @@ def write_answers(path, questions: list, answer, overwrite: bool = False) -> lis
     os.replace(partial, path)
     return read_answer_rows(path)
 
-# %% ../nbs/20_cli.ipynb #a25606c9
+# %% ../nbs/20_cli.ipynb #52ac5453
 def chunk_file(answers_dir, num_chunks: int, chunk_idx: int) -> Path:
     "Where part `chunk_idx` of `num_chunks` writes its answers: `<answers_dir>/<N>_<i>.jsonl`, the official names."
     return Path(answers_dir) / f"{num_chunks}_{chunk_idx}.jsonl"
@@ -166,7 +166,7 @@ def answers_by_id(rows: list) -> tuple:
     return ({r["question_id"]: r["text"] for r in rows if "text" in r},
             {r["question_id"]: r["error"] for r in rows if "error" in r})
 
-# %% ../nbs/20_cli.ipynb #98e938ac
+# %% ../nbs/20_cli.ipynb #8fcdb831
 EXAMPLES = """examples:
   visualrwkv chat --model runs/1b6-stage2/visualrwkv.pth --image examples/pizza.jpg
   visualrwkv generate --model M.pth --questions llava_gqa_testdev_balanced.jsonl --image-folder images --answers a.jsonl
@@ -206,7 +206,7 @@ def model_id(args) -> str:
     "The name answer files record: the checkpoint's folder, as the official evaluate.py."
     return Path(args.model).resolve().parent.name
 
-# %% ../nbs/20_cli.ipynb #f42c218a
+# %% ../nbs/20_cli.ipynb #1423b395
 def run_chat(args, stdin=None, stdout=None) -> int:
     "The chat loop over `stdin`/`stdout` (the terminal by default)."
     from visualrwkv.data import open_image
@@ -233,7 +233,7 @@ def run_chat(args, stdin=None, stdout=None) -> int:
         stdout.write("\n\n")
     return 0
 
-# %% ../nbs/20_cli.ipynb #352a94de
+# %% ../nbs/20_cli.ipynb #8c893afe
 def run_generate(args) -> int:
     "Answer a question file (or one part of it) into an answer file."
     questions = get_chunk(read_question_file(args.questions), args.num_chunks, args.chunk_idx)
@@ -253,7 +253,7 @@ def report_errors(rows: list, shown: int = 10):
     print(f"{len(errors)} of {len(rows)} questions could not be asked (they count as wrong):", file=sys.stderr)
     for r in errors[:shown]: print(f"  {r['question_id']}: {r['error']}", file=sys.stderr)
 
-# %% ../nbs/20_cli.ipynb #8babea66
+# %% ../nbs/20_cli.ipynb #12d39b56
 def write_submission(name: str, root: Path, questions: list, answers: dict, out: Path):
     "The upload file of a benchmark scored on its server (VQAv2 test-dev, VizWiz, MMBench), or None."
     from visualrwkv.eval import BENCHMARKS
@@ -308,7 +308,7 @@ def run_evaluate(args) -> int:
     score_answers(args.benchmark, root, questions, read_answer_rows(merged), out, args.max_missing)
     return 0
 
-# %% ../nbs/20_cli.ipynb #a26a4925
+# %% ../nbs/20_cli.ipynb #fd55cbee
 CHECK_DATA_HELP = """Every bad record of a LLaVA-format data file, without training (visualrwkv.data.check_data).
 
 Reads the .json list or .jsonl file, checks each record as training would (conversation, tokenisation with the
@@ -337,7 +337,7 @@ def add_check_data_flags(p: argparse.ArgumentParser):
                    help="zero-image tokens before a text-only sample (a model with text_only_zero_image: the image tokens)")
     p.add_argument("--examples", type=int, default=5, help="bad records shown per cause")
 
-# %% ../nbs/20_cli.ipynb #19741c1a
+# %% ../nbs/20_cli.ipynb #b79b914c
 TRAIN_HELP = """Two-stage VisualRWKV training with DeepSpeed (Section 4.1, Appendix A, Table 6), derived in notebook 15.
 
 Stage 1 (--stage 1) trains the projector only; stage 2 (--stage 2) the projector and the LM. The vision tower and the
@@ -440,7 +440,7 @@ def run_train(config) -> int:
     train(config)
     return 0
 
-# %% ../nbs/20_cli.ipynb #fae42fd4
+# %% ../nbs/20_cli.ipynb #e2c76b12
 def build_parser() -> argparse.ArgumentParser:
     "The `visualrwkv` command: one subparser per job."
     fmt = argparse.RawDescriptionHelpFormatter
@@ -487,7 +487,7 @@ def add_run_flags(p: argparse.ArgumentParser):
     p.add_argument("--chunk-idx", type=int, default=0, help="the part this process answers (0-based)")
     p.add_argument("--overwrite", action="store_true", help="answer again although the answer file is finished")
 
-# %% ../nbs/20_cli.ipynb #331835d0
+# %% ../nbs/20_cli.ipynb #b7fed652
 def main(argv=None) -> int:
     "Entry point of the `visualrwkv` command; exit status 2 and one `error:` line for a problem the user can fix."
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
@@ -501,6 +501,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
 
-# %% ../nbs/20_cli.ipynb #f357c052
+# %% ../nbs/20_cli.ipynb #fb35e006
 #| eval: false
 if __name__ == "__main__": sys.exit(main())       # python -m visualrwkv.cli, e.g. under torchrun
