@@ -27,7 +27,7 @@ import torch
 from visualrwkv.data import BadSample, BadSampleWarning, conversation_problem, load_image, read_llava_records
 from visualrwkv.generate import generate, load_for_inference, stop_token_ids
 from visualrwkv.eval import vqa_normalize as normalize_answer
-from visualrwkv.prompts import default_tokenizer, tokenize_conversation
+from visualrwkv.prompts import tokenize_conversation
 
 
 def split_prompt(conversations):
@@ -68,14 +68,18 @@ def load_model(args):
     """The checkpoint with the model_config.json that training wrote beside it (in <out>/ and in every
     checkpoints/step-N/), or --config; flags override it. Without one the paper's defaults are used, with a warning:
     a stage-1 model puts the image first, not in the middle."""
+    return load_with_tokenizer(args)[0]
+
+
+def load_with_tokenizer(args):
+    """(model, tokenizer): the tokenizer the checkpoint was trained with (its tokenizer.json, else World)."""
     flags = {key: getattr(args, key) for key in ("grid_size", "scan", "image_position", "vision_head_width")}
-    return load_for_inference(args.model, args.device, config=args.config, **flags)[0]
+    return load_for_inference(args.model, args.device, config=args.config, **flags)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    model = load_model(args)
-    tokenizer = default_tokenizer()
+    model, tokenizer = load_with_tokenizer(args)
     records = read_llava_records(args.data)
     image_folder = Path(args.image_folder) if args.image_folder else Path(args.data).parent
     n = len(records) if args.limit is None else min(args.limit, len(records))

@@ -385,6 +385,8 @@ def add_train_flags(p: argparse.ArgumentParser):
     d = p.add_argument_group("data")
     d.add_argument("--data", help="LLaVA-format .json / .jsonl (with --toy: the stage's toy file by default)")
     d.add_argument("--image-folder", help="folder the records' 'image' paths are relative to (default: the data's)")
+    d.add_argument("--tokenizer", help="a reduced vocabulary's tokenizer.json (the toy world's); default: the one beside "
+                                      "--init or the resumed checkpoint, else the World tokenizer")
     d.add_argument("--toy-samples", type=int, default=512, help="--toy: images in the generated dataset")
     d.add_argument("--ctx-len", type=int, help="model positions per sample, image tokens included (stage 1: 1024, "
                                                "stage 2: 2048, as the official scripts)")

@@ -15,7 +15,7 @@ from .model import VisualRWKV, build_batch, load_visualrwkv, visual_forward_embe
 from .prompts import (IMAGE_TOKEN, IMAGE_TOKEN_INDEX, STOP_TOKEN, STOP_TOKEN_INDEX, default_tokenizer,
                                 tokenize_conversation)
 from .rwkv import pick_dtype, sample_logits
-from .tokenizer import WorldTokenizer
+from .tokenizer import WorldTokenizer, checkpoint_tokenizer
 from .train import read_model_config
 
 # %% ../nbs/16_generation.ipynb #cfbba6b9
@@ -157,8 +157,8 @@ class Chat:
 
 # %% ../nbs/16_generation.ipynb #305e1c94
 def _tokenizer_for(path):
-    "The tokenizer that goes with the checkpoint at `path`: the RWKV World tokenizer (the only one our models use)."
-    return default_tokenizer()
+    "The tokenizer the checkpoint at `path` was trained with: its `tokenizer.json` (a reduced vocabulary), else World."
+    return checkpoint_tokenizer(path)
 
 def load_for_inference(path, device=None, dtype=None, config=None, **overrides):
     """(model, tokenizer) of a VisualRWKV checkpoint, ready to generate: shape options from the model_config.json

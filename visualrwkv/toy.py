@@ -3,13 +3,13 @@
 # %% auto #0
 __all__ = ['COLOURS', 'BACKGROUND', 'SHAPES', 'PLURALS', 'SIZES', 'GRID', 'ROWS', 'COLS', 'N_OBJECTS', 'IMAGE_SIZE',
            'NUMBER_WORDS', 'DESCRIPTIONS', 'RELATIONS', 'MC_HINT', 'LETTERS', 'QUESTION_TYPES', 'CAPTION_PROMPTS',
-           'SHORT_SHARE', 'TOKENIZER_FORMAT', 'SCAFFOLDING', 'WORLD_FORMAT', 'TOY_TOWER', 'ToyObject', 'check_scene',
-           'random_scene', 'draw_scene', 'position_name', 'position_phrase', 'caption', 'Question', 'refer',
-           'colour_questions', 'shape_questions', 'count_questions', 'position_questions', 'relation_questions',
-           'yes_no_questions', 'multiple_choice_questions', 'AnswerBalancer', 'text_only_question', 'caption_record',
-           'instruction_record', 'text_only_record', 'eval_record', 'ToyTokenizer', 'conversation_text', 'toy_corpus',
-           'make_world', 'read_scenes', 'chance_and_baseline', 'tiny_clip', 'caption_ids', 'retrieval_accuracy',
-           'caption_pairs', 'pretrain_vision', 'token_stream', 'split_streams', 'stream_loss', 'pretrain_lm']
+           'SHORT_SHARE', 'WORLD_FORMAT', 'TOY_TOWER', 'ToyObject', 'check_scene', 'random_scene', 'draw_scene',
+           'position_name', 'position_phrase', 'caption', 'Question', 'refer', 'colour_questions', 'shape_questions',
+           'count_questions', 'position_questions', 'relation_questions', 'yes_no_questions',
+           'multiple_choice_questions', 'AnswerBalancer', 'text_only_question', 'caption_record', 'instruction_record',
+           'text_only_record', 'eval_record', 'conversation_text', 'toy_corpus', 'make_world', 'read_scenes',
+           'chance_and_baseline', 'tiny_clip', 'caption_ids', 'retrieval_accuracy', 'caption_pairs', 'pretrain_vision',
+           'token_stream', 'split_streams', 'stream_loss', 'pretrain_lm']
 
 # %% ../nbs/18_toy_world.ipynb #8e5a7a8f
 import json, numbers, random, time
@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from .data import TOY_BACKGROUNDS, TOY_COLOURS, load_image
 from .prompts import (IMAGE_POSITIONS, IMAGE_TOKEN, SHORT_ANSWER_HINT, STOP_TOKEN, collapse_blank_lines,
                                 default_tokenizer, tokenize_conversation, turn_text)
+from .tokenizer import ToyTokenizer
 from .rwkv import RWKV6, RWKV6Config, write_state_dict
 from .train import lr_at
 from .vision import VisionConfig
@@ -285,84 +286,6 @@ def eval_record(sid: str, image: str, qtype: str, scene, rng, balancer: AnswerBa
     "One evaluation question of type `qtype` with the short-answer hint; the last gpt turn is the reference."
     human, answer = _ask(balancer.pick(QUESTION_TYPES[qtype](scene, rng)), short=True)
     return {"id": sid, "image": image, "question_type": qtype, "conversations": _conversation([(human, answer)], True)}
-
-# %% ../nbs/18_toy_world.ipynb #07ddd000
-TOKENIZER_FORMAT = "visualrwkv-toy-tokenizer"
-SCAFFOLDING = ("User: ", "Assistant:", STOP_TOKEN, "\n")         # prompt pieces kept whatever the corpus
-
-def _token_text(token: bytes) -> str: return token.decode("utf-8", errors="backslashreplace")
-
-def _checked_ids(world_ids, world) -> list:
-    "world_ids as a list, or ValueError: ints, end of text first, known to `world`, distinct, the turn end present."
-    if not isinstance(world_ids, list) or not all(type(i) is int for i in world_ids):
-        raise ValueError(f"world_ids: expected a list of ints, got {world_ids!r:.60}")
-    if not world_ids or world_ids[0] != world.end_of_text:
-        raise ValueError(f"world_ids: the first id must be end of text ({world.end_of_text}), got {world_ids[:1]}")
-    if (unknown := [i for i in world_ids[1:] if i not in world.vocab]):
-        raise ValueError(f"world_ids: {unknown[:5]} are not World token ids")
-    if len(set(world_ids)) != len(world_ids): raise ValueError("world_ids: an id appears twice")
-    if (turn_end := world.encode(STOP_TOKEN)[0]) not in world_ids:
-        raise ValueError(f"world_ids: the turn end {STOP_TOKEN!r} (World id {turn_end}) is missing")
-    return list(world_ids)
-
-# %% ../nbs/18_toy_world.ipynb #01a3d9e2
-class ToyTokenizer:
-    "The World tokenizer restricted to a corpus's tokens, renumbered 0..n-1 (0 stays end of text)."
-    end_of_text = 0
-
-    def __init__(self, world_ids: list, world=None):
-        self.world = world or default_tokenizer()
-        self.world_ids = _checked_ids(world_ids, self.world)              # toy id -> World id
-        self.toy_ids = {w: i for i, w in enumerate(self.world_ids)}       # World id -> toy id
-
-    @classmethod
-    def from_corpus(cls, texts, world=None):
-        "The tokens the World tokenizer uses for `texts` and SCAFFOLDING, in World-id order after end of text."
-        world = world or default_tokenizer()
-        used = {i for text in (*SCAFFOLDING, *texts) for i in world.encode(text)}
-        return cls([world.end_of_text, *sorted(used - {world.end_of_text})], world)
-
-    def __len__(self): return len(self.world_ids)
-
-    def encode(self, text: str) -> list:
-        "Toy ids of `text`: the World tokenizer's ids, renumbered; ValueError naming the tokens outside the vocabulary."
-        world_ids = self.world.encode(text)
-        if (missing := [i for i in dict.fromkeys(world_ids) if i not in self.toy_ids]):
-            tokens = ", ".join(repr(_token_text(self.world.vocab[i])) for i in missing)
-            raise ValueError(f"{text!r:.80}: World token(s) {tokens} not in the toy vocabulary of {len(self)} ids")
-        return [self.toy_ids[i] for i in world_ids]
-
-    def decode_bytes(self, ids) -> bytes:
-        "The bytes of toy ids (0 gives none); ValueError for an id outside 0..n-1."
-        if (bad := [i for i in ids if not isinstance(i, numbers.Integral) or not 0 <= i < len(self)]):
-            raise ValueError(f"unknown token ids {bad[:5]}: the toy vocabulary has ids 0..{len(self) - 1}")
-        return self.world.decode_bytes([self.world_ids[int(i)] for i in ids])
-
-    def decode(self, ids) -> str:
-        "The text of toy ids; a character cut mid-way becomes U+FFFD."
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    def save(self, path):
-        "Write the table as JSON (the format above)."
-        tokens = [""] + [_token_text(self.world.vocab[i]) for i in self.world_ids[1:]]
-        Path(path).write_text(json.dumps({"format": TOKENIZER_FORMAT, "version": 1, "world_ids": self.world_ids,
-                                          "tokens": tokens}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-
-    @classmethod
-    def load(cls, path, world=None):
-        "A ToyTokenizer from a file written by `save`; ValueError naming the file and what is wrong with it."
-        path, world = Path(path), world or default_tokenizer()
-        try: data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{path}: not a JSON file ({e})") from None
-        if not isinstance(data, dict) or data.get("format") != TOKENIZER_FORMAT or data.get("version") != 1:
-            raise ValueError(f"{path}: not a toy tokenizer (expected format {TOKENIZER_FORMAT!r}, version 1)")
-        try: tokenizer = cls(data.get("world_ids"), world)
-        except ValueError as e: raise ValueError(f"{path}: {e}") from None
-        want = [""] + [_token_text(world.vocab[i]) for i in tokenizer.world_ids[1:]]
-        if data.get("tokens") != want:
-            raise ValueError(f"{path}: 'tokens' disagree with the World vocabulary's tokens for 'world_ids' "
-                             "(made with another vocabulary, or edited)")
-        return tokenizer
 
 # %% ../nbs/18_toy_world.ipynb #53754922
 class _PieceRecorder:

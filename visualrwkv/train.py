@@ -10,7 +10,8 @@ __all__ = ['TOY_LM', 'TOY_VISION', 'STAGE_DEFAULTS', 'MODEL_KEYS', 'STAGE_KEYS',
            'on_rank0', 'adam_step', 'gather_optimizer_state', 'prime_optimizer', 'restore_optimizer_state', 'rng_state',
            'set_rng_state', 'atomic_torch_save', 'load_plain', 'sha256', 'write_manifest', 'verify_checkpoint',
            'checkpoint_folders', 'find_resume', 'read_train_state', 'save_checkpoint', 'keep_metrics_until', 'toy_data',
-           'open_dataset', 'run_settings', 'check_resume', 'prepare_out', 'link_final_model', 'plot_curves', 'train']
+           'tokenizer_file', 'open_tokenizer', 'open_dataset', 'run_settings', 'check_resume', 'prepare_out',
+           'link_final_model', 'plot_curves', 'train']
 
 # %% ../nbs/15_train.ipynb #19e0900b
 import functools, hashlib, json, math, os, pickle, random, shutil, socket, time, warnings, zipfile
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from .data import LlavaDataset, check_bad_fraction, collate_llava, make_toy_llava
 from .model import VisualRWKV, load_visualrwkv, next_token_loss, save_visualrwkv
 from .rwkv import RWKV6Config, load_rwkv6, pick_dtype, randomize_, read_state_dict
+from .tokenizer import TOKENIZER_FILE, load_tokenizer
 from .vision import (CLIPVisionTower, VisionConfig, build_projector, hf_clip_vision_to_open_clip, load_checked,
                                load_open_clip_vision, vision_config_from_state_dict)
 
@@ -58,6 +60,7 @@ class TrainConfig:
     text_only_zero_image: Optional[bool] = None
     data: Optional[str] = None
     image_folder: Optional[str] = None
+    tokenizer: Optional[str] = None         # a reduced vocabulary's table; None: --init's or the checkpoint's, else World
     toy_samples: int = 512
     ctx_len: Optional[int] = None
     workers: Optional[int] = None           # DataLoader workers (None: 4 on CUDA, 0 on the CPU)
@@ -563,6 +566,7 @@ def save_checkpoint(out: Path, engine, named: dict, progress: dict, run: dict, m
     if rank == 0:
         save_visualrwkv(engine.module, folder / "visualrwkv.pth")
         write_json(mcfg, folder / "model_config.json")
+        if (Path(out) / TOKENIZER_FILE).exists(): shutil.copyfile(Path(out) / TOKENIZER_FILE, folder / TOKENIZER_FILE)
         atomic_torch_save({"format": STATE_FORMAT, "step": progress["step"], "progress": dict(progress),
                            "run": dict(run), "world_size": world, **optim}, folder / "train_state.pth")
     atomic_torch_save(rng_state(), folder / f"rng-rank{rank}.pth")
@@ -610,7 +614,25 @@ def toy_data(cfg: TrainConfig) -> Path:
     write_json(want, meta)
     return data_dir / f"stage{cfg.stage}.json"
 
-def open_dataset(path, cfg, model, mcfg, cache_dir) -> LlavaDataset:
+def tokenizer_file(cfg, resume_dir=None) -> Optional[Path]:
+    "The reduced-vocabulary table to train with: --tokenizer, else the one beside the resumed or --init checkpoint."
+    if cfg.tokenizer: return Path(cfg.tokenizer)
+    for start in (resume_dir, Path(cfg.init).parent if cfg.init else None):
+        if start is not None and (Path(start) / TOKENIZER_FILE).exists(): return Path(start) / TOKENIZER_FILE
+    return None
+
+def open_tokenizer(path: Optional[Path], model, out: Path, rank: int):
+    "The tokenizer (World without a table), checked against the model's vocabulary; its table is copied to <out>."
+    try: tokenizer = load_tokenizer(path)
+    except (OSError, ValueError) as e: raise RunError(f"--tokenizer: {e}") from None
+    if len(tokenizer) > model.rwkv.cfg.vocab_size:
+        raise RunError(f"the tokenizer has {len(tokenizer)} ids, the language model only {model.rwkv.cfg.vocab_size} "
+                       "embeddings: give the --tokenizer its LM was trained with")
+    if rank == 0 and path is not None and path.resolve() != (out / TOKENIZER_FILE).resolve():
+        shutil.copyfile(path, out / TOKENIZER_FILE)
+    return tokenizer
+
+def open_dataset(path, cfg, model, mcfg, cache_dir, tokenizer=None) -> LlavaDataset:
     "The LLaVA dataset; a missing, truncated or malformed data file becomes one RunError naming it."
     import datasets
     text_only_tokens = model.n_image_tokens if mcfg["text_only_zero_image"] else 0
@@ -618,7 +640,7 @@ def open_dataset(path, cfg, model, mcfg, cache_dir) -> LlavaDataset:
     datasets.logging.set_verbosity(50)                                  # CRITICAL: its own log of a bad file, too
     try:
         return LlavaDataset(path, cfg.image_folder, cfg.ctx_len, model.n_image_tokens, mcfg["image_position"],
-                            model.vit.cfg.image_size, text_only_tokens, cache_dir=cache_dir,
+                            model.vit.cfg.image_size, text_only_tokens, tokenizer, cache_dir=cache_dir,
                             max_bad_fraction=cfg.max_bad_fraction)
     except RunError: raise
     except FileNotFoundError: raise RunError(f"{path}: not found") from None
@@ -724,15 +746,16 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int) -> dict:
     trainable = set_trainable(model, cfg.stage, cfg.freeze_proj)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if rank == 0: write_json(mcfg, out / "model_config.json")
+    tokenizer = open_tokenizer(tokenizer_file(cfg, resume_dir), model, out, rank)
 
     # ------------------------------------------------------------------ data
     if cfg.data: data_path = Path(cfg.data)
     elif cfg.toy: data_path = on_rank0(rank, lambda: toy_data(cfg))
     else: raise RunError("--data is required without --toy")
     opened = {}
-    def open_(): opened["dataset"] = open_dataset(data_path, cfg, model, mcfg, out / "hf_cache")
+    def open_(): opened["dataset"] = open_dataset(data_path, cfg, model, mcfg, out / "hf_cache", tokenizer)
     on_rank0(rank, open_)                                               # process 0 builds the Arrow cache first
-    dataset = opened["dataset"] if rank == 0 else open_dataset(data_path, cfg, model, mcfg, out / "hf_cache")
+    dataset = opened["dataset"] if rank == 0 else open_dataset(data_path, cfg, model, mcfg, out / "hf_cache", tokenizer)
     if len(dataset) == 0: raise RunError(f"{data_path}: no samples")
 
     # ------------------------------------------------------------------ optimiser, DeepSpeed, resume
