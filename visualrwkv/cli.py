@@ -56,13 +56,13 @@ def read_question_file(path) -> list:
 def question_image(question, image_folder, image_size: int):
     """The picture [3, S, S] a question is asked with, or None; `data.BadSample` naming the question when its file is
     missing or does not decode."""
-    from visualrwkv.data import BadSample, open_image
+    from visualrwkv.data import BadSample, load_image
     from visualrwkv.vision import clip_preprocess
     if question.image is not None:
         if image_folder is None:
             raise BadSample(f"question {question.id!r} names image {question.image!r} but no image folder was given",
                             "missing image")
-        return clip_preprocess(image_size)(open_image(Path(image_folder) / question.image))
+        return load_image(Path(image_folder) / question.image, image_size)
     if question.image_base64 is not None:
         from PIL import Image
         try:
@@ -209,15 +209,14 @@ def model_id(args) -> str:
 # %% ../nbs/20_cli.ipynb #1423b395
 def run_chat(args, stdin=None, stdout=None) -> int:
     "The chat loop over `stdin`/`stdout` (the terminal by default)."
-    from visualrwkv.data import open_image
+    from visualrwkv.data import load_image
     from visualrwkv.generate import Chat
-    from visualrwkv.vision import clip_preprocess
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     model, tokenizer = load_model(args)
     image = None
     if args.image:
         pixels = next(model.vit.parameters())
-        image = clip_preprocess(model.vit.cfg.image_size)(open_image(args.image)).to(pixels.device, pixels.dtype)
+        image = load_image(args.image, model.vit.cfg.image_size).to(pixels.device, pixels.dtype)
     new_chat = lambda: Chat(model, tokenizer, image, args.max_new_tokens, args.temperature, args.top_p)
     chat = new_chat()
     stdout.write(f"VisualRWKV {args.model}" + (f", image {args.image}" if args.image else ", no image") +

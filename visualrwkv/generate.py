@@ -156,10 +156,6 @@ class Chat:
         finally: self.turns.append({"from": "gpt", "value": "".join(pieces).strip()})
 
 # %% ../nbs/16_generation.ipynb #305e1c94
-def _tokenizer_for(path):
-    "The tokenizer the checkpoint at `path` was trained with: its `tokenizer.json` (a reduced vocabulary), else World."
-    return checkpoint_tokenizer(path)
-
 def load_for_inference(path, device=None, dtype=None, config=None, **overrides):
     """(model, tokenizer) of a VisualRWKV checkpoint, ready to generate: shape options from the model_config.json
     beside it (or `config`), then `overrides` (None values ignored); dtype per device unless given; eval mode."""
@@ -170,7 +166,7 @@ def load_for_inference(path, device=None, dtype=None, config=None, **overrides):
                                   "patches, bidirectional scan) unless overrides say otherwise", stacklevel=2)
     options.update({k: v for k, v in overrides.items() if v is not None})
     model = load_visualrwkv(path, **options).to(device, dtype or pick_dtype(device)).eval()
-    tokenizer = _tokenizer_for(path)
+    tokenizer = checkpoint_tokenizer(path)                             # tokenizer.json beside it, else World
     if len(tokenizer) > model.rwkv.cfg.vocab_size:
         raise ValueError(f"{path}: the model has {model.rwkv.cfg.vocab_size} token embeddings, its tokenizer {len(tokenizer)} ids")
     return model, tokenizer
