@@ -11,7 +11,7 @@ import torch
 from visualrwkv.data import (BadSample, BadSampleWarning, LlavaDataset, LlavaSample, SkippedSample, TOY_QUESTIONS,
                              check_bad_fraction, collate_llava, draw_toy_image, make_toy_llava, read_llava_records,
                              truncate_sample)
-from visualrwkv.prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX, default_tokenizer, tokenize_conversation
+from visualrwkv.prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 N_IMAGE = 17          # tokens per image of the toy tower (4 x 4 patches + CLS)
 
@@ -127,18 +127,37 @@ def test_truncation_worked_by_hand():
     assert err.value.cause == "no label"
 
 
-def test_dataset_tokenizes_like_tokenize_conversation(toy):
+def test_dataset_reads_the_toy_records(toy):
     folder, paths = toy
     ds = LlavaDataset(paths["stage2"], folder, ctx_len=512, n_image_tokens=N_IMAGE, image_size=32,
                       image_position="last", cache_dir=folder / "cache")
     records = json.loads(paths["stage2"].read_text())
     for i in range(len(ds)):
         sample = ds[i]
-        ids, labels = tokenize_conversation(records[i]["conversations"], "last", default_tokenizer())
         assert isinstance(sample, LlavaSample) and sample.id == records[i]["id"]
-        assert sample.input_ids == ids and sample.labels == labels
-        assert (sample.image is None) == ("image" not in records[i])
+        assert len(sample.input_ids) == len(sample.labels) and sample.input_ids[:2] == [24281, 59]       # "User:"
+        assert sample.input_ids.count(IMAGE_TOKEN_INDEX) == ("image" in records[i]) == (sample.image is not None)
         if sample.image is not None: assert sample.image.shape == (3, 32, 32) and sample.image.std() > 0.1
+
+
+def test_dataset_truncates_to_ctx_len(tmp_path):
+    """Worked by hand, token ids from the official tokenizer (v6.0 src/rwkv_tokenizer.py), image_position 'last',
+    17 image tokens. The image sample is 9 tokens of 'User: What colour is the shape?\n', the image, then
+    '\n\n', 'Assistant:' (3), ' Red', '.', '\n\n': 33 positions. Its first 25 hold no label, so the last 25 are kept
+    (positions 8-32: from the '\n' before the image). The text-only sample's first 12 tokens reach ' Red', '.': kept."""
+    draw_toy_image("circle", "red", "black", "left", random.Random(0), 32).save(tmp_path / "red.png")
+    ask = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    records = [{"id": "image", "image": "red.png", "conversations": ask("<image>\nWhat colour is the shape?", "Red.")},
+               {"id": "text", "conversations": ask("Name a colour.", "Red.") + ask("And another?", "Blue.")}]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    kw = dict(n_image_tokens=N_IMAGE, image_size=32, image_position="last", cache_dir=tmp_path / "cache")
+    image = LlavaDataset(tmp_path / "d.json", ctx_len=25, **kw)[0]
+    text = LlavaDataset(tmp_path / "d.json", ctx_len=12, **kw)[1]
+    ign = IGNORE_INDEX
+    assert image.input_ids == [11, IMAGE_TOKEN_INDEX, 261, 5585, 41693, 59, 20733, 47, 261]
+    assert image.labels == [ign] * 6 + [20733, 47, 261] and image.image.shape == (3, 32, 32)
+    assert text.input_ids == [24281, 59, 29456, 332, 45520, 47, 261, 5585, 41693, 59, 20733, 47]
+    assert text.labels == [ign] * 10 + [20733, 47]
 
 
 def test_jsonl_and_json_list_give_the_same_samples(toy, tmp_path):

@@ -1,4 +1,7 @@
 """VisualRWKV: a batch gives each sample exactly its own result; scans equal a simple per-sample float64 reference."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,11 +9,20 @@ import torch.nn.functional as F
 from visualrwkv.model import VisualRWKV, build_batch, next_token_loss, visual_forward_embeds
 from visualrwkv.prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from visualrwkv.rwkv import HybridLayerState, RWKV6Config, TinyAttention, randomize_
-from visualrwkv.scans import patch_order, layer_order
+from visualrwkv.scans import ORDERS, layer_order, patch_order, scan_permutation
 from visualrwkv.vision import VisionConfig
 
 VOCAB = 61
 VIS = VisionConfig(image_size=28, patch_size=7, width=24, layers=2, head_width=8)
+# per scan, grid (2, 3, 4) and layer (0-7): the patch order each block receives in the official forward functions
+# (v5.1 src/model.py uni/bi/multidirectional_forward, v6.0 bidirectional_forward, v6.01 multidirectional_forward), as
+# recorded by tests/fixtures/make_official_fixtures.py
+OFFICIAL_ORDERS = json.loads((Path(__file__).parent / "fixtures" / "official_scan_orders.json").read_text())["orders"]
+
+
+def official_patch_order(scan, layer, grid):
+    "The official order of layer `layer`'s patches; a 1x1 grid has the one order [0]."
+    return [0] if grid == 1 else OFFICIAL_ORDERS[scan][str(grid)][layer]
 
 
 def make_model(scan="bidirectional", grid_size=-1, data_dependent=True, seed=0):
@@ -34,8 +46,8 @@ def make_samples(seed):
 
 
 def reference_logits(model, ids, image):
-    """One sample, float64, no padding and no gather: the image spliced in, and each layer reads the patch tokens in its
-    scan order by an explicit Python permutation."""
+    """One sample, float64, no padding and no gather: the image spliced in, and each layer reads the patch tokens in the
+    official code's order for that layer (from the fixture) by an explicit Python permutation."""
     rw = model.rwkv
     if IMAGE_TOKEN_INDEX in ids:
         k = ids.index(IMAGE_TOKEN_INDEX)
@@ -45,12 +57,40 @@ def reference_logits(model, ids, image):
     for i, block in enumerate(rw.blocks):
         order = list(range(len(x)))
         if k is not None and G:
-            patches = patch_order(layer_order(model.scan, i), G).tolist()
-            order[k:k + G * G] = [k + p for p in patches]
+            order[k:k + G * G] = [k + p for p in official_patch_order(model.scan, i, G)]
         y, _ = block(x[order][None])
         x = torch.empty_like(x)
         x[order] = y[0]
     return rw.head(rw.ln_out(x))
+
+
+def test_reading_orders_of_a_3x3_grid_by_hand():
+    """Patches numbered row-major: 0 1 2 / 3 4 5 / 6 7 8 (Fig. 4): along the rows, backwards, down the columns, and
+    down the columns read backwards (from the bottom-right corner, up each column)."""
+    assert {o: patch_order(o, 3).tolist() for o in ORDERS} == {
+        "row_forward": [0, 1, 2, 3, 4, 5, 6, 7, 8], "row_reverse": [8, 7, 6, 5, 4, 3, 2, 1, 0],
+        "column_forward": [0, 3, 6, 1, 4, 7, 2, 5, 8], "column_reverse": [8, 5, 2, 7, 4, 1, 6, 3, 0]}
+    assert [layer_order("unidirectional", i) for i in range(5)] == ["row_forward"] * 5
+    assert [layer_order("bidirectional", i) for i in range(5)] == ["row_forward", "row_reverse"] * 2 + ["row_forward"]
+    assert [layer_order("multidirectional", i) for i in range(5)] == [
+        "row_forward", "row_reverse", "column_forward", "column_reverse", "row_forward"]
+
+
+@pytest.mark.parametrize("scan", ["unidirectional", "bidirectional", "multidirectional"])
+@pytest.mark.parametrize("grid", [2, 3, 4])
+def test_scan_permutation_equals_the_official_forward(scan, grid):
+    """Layer by layer, the patch order of our permutation is the one the official forward functions hand each block;
+    the text before (2 tokens) and the CLS token and text after the patches stay where they are."""
+    T = 2 + grid * grid + 3
+    for layer in range(8):
+        perm = scan_permutation(scan, layer, T, 2, grid).tolist()
+        assert perm == [0, 1] + [2 + p for p in OFFICIAL_ORDERS[scan][str(grid)][layer]] + list(range(T - 3, T))
+
+
+def test_bad_scan_arguments_are_named():
+    with pytest.raises(ValueError, match="do not fit a sequence of 8"): scan_permutation("bidirectional", 1, 8, 2, 3)
+    with pytest.raises(ValueError, match="scan must be one of"): layer_order("diagonal", 0)
+    with pytest.raises(ValueError, match="order must be one of"): patch_order("spiral", 3)
 
 
 @pytest.mark.parametrize("scan", ["unidirectional", "bidirectional", "multidirectional"])

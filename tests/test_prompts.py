@@ -1,6 +1,9 @@
-"""tokenize_conversation builds VisualRWKV v6.0 prompts: expected ids are assembled here from the rules, turn by turn,
-with the reference tokenizer of the `rwkv` package (independent of visualrwkv.tokenizer)."""
+"""tokenize_conversation builds VisualRWKV v6.0 prompts: the expected ids and labels are the official code's own output,
+saved in tests/fixtures/official_prompts.json by tests/fixtures/make_official_fixtures.py (VisualRWKV-v6/v6.0
+src/dataset.py run as training and as evaluate.py runs it, with the official tokenizer src/rwkv_tokenizer.py)."""
+import json
 import os
+from pathlib import Path
 
 import pytest
 import rwkv
@@ -8,86 +11,71 @@ from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
 from visualrwkv.prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX, tokenize_conversation
 
+OFFICIAL = json.loads((Path(__file__).parent / "fixtures" / "official_prompts.json").read_text())["cases"]
 REF = TRIE_TOKENIZER(os.path.join(os.path.dirname(rwkv.__file__), "rwkv_vocab_v20230424.txt"))
-IMG = IMAGE_TOKEN_INDEX
-HINT = "Answer the question using a single word or phrase."
 
 
-def enc(text): return REF.encode(text)
+def official(name, position):
+    "The official (input_ids, labels) of the fixture case `name` at image `position` (None: a text-only sample)."
+    case = next(c for c in OFFICIAL if c["name"] == name and c["image_position"] == position)
+    return case["input_ids"], case["labels"]
 
 
-def human(*pieces):
-    "Expected ids and labels of a human turn given its text pieces and IMG markers."
-    ids = [t for p in pieces for t in ([p] if p == IMG else enc(p))]
-    return ids, [IGNORE_INDEX] * len(ids)
+def conversation(name):
+    return next(c["conversations"] for c in OFFICIAL if c["name"] == name)
 
 
-def gpt(answer):
-    ids = enc(f"Assistant: {answer}\n\n") if answer else enc("Assistant:")
-    return ids, [IGNORE_INDEX] * min(3, len(ids)) + ids[3:]
-
-
-def join(*turns):
-    return [t for ids, _ in turns for t in ids], [l for _, labels in turns for l in labels]
-
-
-VQA = [{"from": "human", "value": f"<image>\nWhat is on the table?\n{HINT}"},
-       {"from": "gpt", "value": "A cup"},
-       {"from": "human", "value": "And  its colour?\n\n \nBe brief."},
-       {"from": "gpt", "value": "Blue"}]
+@pytest.mark.parametrize("case", [c for c in OFFICIAL if c["image_position"]],
+                         ids=lambda c: f"{c['name']}-{c['image_position']}")
+def test_equals_the_official_output(case):
+    assert tokenize_conversation(case["conversations"], case["image_position"]) == (case["input_ids"], case["labels"])
 
 
 @pytest.mark.parametrize("position", ["first", "middle", "last"])
-def test_multi_turn_each_position(position):
-    q1 = f"What is on the table?\n{HINT}"
-    first_turn = {"first": human("User: ", IMG, f"\n{q1}\n\n"),
-                  "last": human(f"User: {q1}\n", IMG, "\n\n"),
-                  "middle": human("User: What is on the table?\nAnd  its colour?\n\n \nBe brief.\n", IMG, f"\n{q1}\n\n")}
-    expected = join(first_turn[position], gpt("A cup"), human("User: And  its colour?\nBe brief.\n\n"), gpt("Blue"))
-    assert tokenize_conversation(VQA, position) == expected
+def test_text_only_equals_the_official_output_at_every_position(position):
+    "Official text-only samples skip image placement (MyDataset.__getitem__ calls process_tokens_in_conversations)."
+    assert tokenize_conversation(conversation("text_only"), position) == official("text_only", None)
 
 
 def test_default_is_sandwich():
-    assert tokenize_conversation(VQA) == tokenize_conversation(VQA, "middle")
+    assert tokenize_conversation(conversation("vqa_two_turns")) == official("vqa_two_turns", "middle")
+
+
+def test_the_sandwich_copy_keeps_a_later_turns_blank_lines():
+    """The official get_all_human_conversation only strips the human turns without the image: the copy of
+    'And  its colour?\\n\\n \\nBe brief.' keeps its blank lines, while that turn itself has them collapsed."""
+    ids, _ = tokenize_conversation(conversation("blank_lines_everywhere"), "middle")
+    image = ids.index(IMAGE_TOKEN_INDEX)
+    assert REF.decode(ids[:image]) == "User: What is on the table?\nAnd  its colour?\n\n \nBe brief.\n"
+    assert "User: And  its colour?\nBe brief.\n\n" in REF.decode(ids[image + 1:])
 
 
 def test_labels_keep_only_answers_and_stop_tokens():
-    ids, labels = tokenize_conversation(VQA, "middle")
-    assert len(ids) == len(labels) and ids.count(IMG) == 1
+    ids, labels = tokenize_conversation(conversation("vqa_two_turns"), "middle")
     kept = [l for l in labels if l != IGNORE_INDEX]
-    assert kept == enc(" A cup\n\n") + enc(" Blue\n\n")
-    assert all(l in (IGNORE_INDEX, i) for i, l in zip(ids, labels))
-    assert kept.count(261) == 2 and ids[-1] == 261
-
-
-def test_text_only_is_the_same_for_every_position():
-    conv = [{"from": "human", "value": " Tell me\n\n\na joke. "}, {"from": "gpt", "value": "No.\n\n\nSorry."},
-            {"from": "human", "value": "Please"}, {"from": "gpt", "value": "Fine"}]
-    expected = join(human("User: Tell me\na joke.\n\n"), gpt("No.\nSorry."), human("User: Please\n\n"), gpt("Fine"))
-    for position in ("first", "middle", "last"):
-        assert tokenize_conversation(conv, position) == expected
+    assert kept == [20733, 261, 28918, 261] and REF.decode(kept) == " Red\n\n Four\n\n"
 
 
 def test_inference_prompt_ends_with_bare_assistant():
-    conv = [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": ""}]
-    ids, labels = tokenize_conversation(conv, "first")
-    assert (ids, labels) == join(human("User: ", IMG, "\nDescribe it.\n\n"), gpt(""))
-    assert ids[-3:] == enc("Assistant:") and set(labels) == {IGNORE_INDEX}
+    ids, labels = tokenize_conversation(conversation("inference_prompt"), "first")
+    assert ids[-3:] == [5585, 41693, 59] and REF.decode(ids[-3:]) == "Assistant:" and set(labels) == {IGNORE_INDEX}
 
 
-def test_image_only_turn_and_human_case():
+def test_role_names_ignore_case():
+    """'Human'/'GPT' read as 'human'/'gpt'. (The official preprocess accepts them too, but its mask_targets compares the
+    speaker case-sensitively and would leave a 'Human' turn unmasked; we mask it.)"""
     conv = [{"from": "Human", "value": "<image>"}, {"from": "GPT", "value": "ok"}]
-    for position in ("first", "middle", "last"):   # the turn text is stripped after the image is placed
-        assert tokenize_conversation(conv, position) == join(human("User: ", IMG, "\n\n"), gpt("ok"))
+    for position in ("first", "middle", "last"):
+        assert tokenize_conversation(conv, position) == official("image_only_turn", position)
 
 
 @pytest.mark.parametrize("conv, position, match", [
-    (VQA, "centre", "image_position"),
+    (conversation("vqa_two_turns"), "centre", "image_position must be one of"),
     ([], "first", "non-empty list"),
     ([{"from": "system", "value": "hi"}], "first", r"conversations\[0\]\['from'\]"),
     ([{"from": "human", "value": 3}], "first", r"conversations\[0\]\['value'\]"),
     ([{"value": "hi"}], "first", "keys 'from' and 'value'"),
-    (VQA + [{"from": "human", "value": "<image> again"}], "first", "one image per sample"),
+    (conversation("vqa_two_turns") + [{"from": "human", "value": "<image> again"}], "first", "one image per sample"),
 ])
 def test_bad_input_is_named(conv, position, match):
     with pytest.raises(ValueError, match=match): tokenize_conversation(conv, position)
