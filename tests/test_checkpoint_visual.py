@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from visualrwkv.model import load_visualrwkv, save_visualrwkv, visualrwkv_state_dict
+from visualrwkv.checkpoint import load_visualrwkv, save_visualrwkv, visualrwkv_state_dict
 from visualrwkv.prompts import IMAGE_TOKEN_INDEX
 from visualrwkv.rwkv import RWKV6, RWKV6Config, load_rwkv6, randomize_
 

@@ -15,7 +15,8 @@ from PIL import Image
 from visualrwkv.cli import (get_chunk, main, parse_train_args, read_answer_rows, run_chat, build_parser,
                             write_answers)
 from visualrwkv.generate import generate
-from visualrwkv.model import VisualRWKV, save_visualrwkv
+from visualrwkv.checkpoint import save_visualrwkv
+from visualrwkv.model import VisualRWKV
 from visualrwkv.prompts import default_tokenizer, tokenize_conversation
 from visualrwkv.rwkv import RWKV6Config, randomize_
 from visualrwkv.vision import VisionConfig, clip_preprocess

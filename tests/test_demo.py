@@ -17,7 +17,8 @@ pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 from visualrwkv.generate import generate
-from visualrwkv.model import VisualRWKV, save_visualrwkv
+from visualrwkv.checkpoint import save_visualrwkv
+from visualrwkv.model import VisualRWKV
 from visualrwkv.prompts import IMAGE_TOKEN_INDEX
 from visualrwkv.rwkv import RWKV6Config, randomize_
 from visualrwkv.tokenizer import WorldTokenizer

@@ -10,7 +10,8 @@ import torch
 import visualrwkv.generate as G
 from visualrwkv.generate import (Chat, decode_step, generate, load_for_inference, prefill, stop_token_ids, stream,
                                  text_pieces)
-from visualrwkv.model import VisualRWKV, save_visualrwkv
+from visualrwkv.checkpoint import save_visualrwkv
+from visualrwkv.model import VisualRWKV
 from visualrwkv.prompts import IMAGE_TOKEN_INDEX
 from visualrwkv.rwkv import RWKV6Config, randomize_
 from visualrwkv.tokenizer import WorldTokenizer

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance
 
-from visualrwkv.model import VisualRWKV, save_visualrwkv
+from visualrwkv.checkpoint import save_visualrwkv
+from visualrwkv.model import VisualRWKV
 from visualrwkv.rwkv import RWKV6, RWKV6Config, randomize_, write_state_dict
 from visualrwkv.tokenizer import WorldTokenizer
 from visualrwkv.vision import VisionConfig

@@ -21,7 +21,8 @@ import torch
 
 import visualrwkv.train as T
 from visualrwkv.data import make_toy_llava
-from visualrwkv.model import VisualRWKV, load_visualrwkv, next_token_loss, save_visualrwkv, visualrwkv_state_dict
+from visualrwkv.checkpoint import load_visualrwkv, save_visualrwkv, visualrwkv_state_dict
+from visualrwkv.model import VisualRWKV, next_token_loss
 from visualrwkv.prompts import IGNORE_INDEX
 from visualrwkv.rwkv import RWKV6Config, read_state_dict
 
@@ -261,9 +262,10 @@ def test_resume_refuses_changed_settings_unless_allowed(runs, tmp_path, one_proc
     code, err = cli(["--stage", 2, "--out", tmp_path / "more", *resume, "--allow-changes"])
     assert code == 0, err
     rows = metrics(tmp_path / "more")
-    lr, lr_end = 3e-3, 1.5e-5                          # the new schedule at step 4 of 6, not the restored lr of 4 of 4
+    # the new schedule at step 4 of 6, not the restored lr of 4 of 4: cos(4/6 pi) = -1/2, so
+    # 1.5e-5 + (3e-3 - 1.5e-5) / 2 * (1 - 1/2) = 1.5e-5 + 2.985e-3 / 4 = 7.6125e-4
     assert [r["step"] for r in rows] == [5, 6]
-    assert rows[0]["lr"] == pytest.approx(lr_end + 0.5 * (lr - lr_end) * (1 + math.cos(math.pi * 4 / 6)), rel=1e-12)
+    assert rows[0]["lr"] == pytest.approx(7.6125e-4, rel=1e-12)
 
 
 def test_an_out_with_checkpoints_is_refused_unless_overwrite(runs, tmp_path, one_process):
@@ -517,9 +519,36 @@ def test_evaluate_writes_answers_for_the_trained_model(runs):
                              "--data", str(root / "toy_data" / "eval.jsonl"), "--max-new-tokens", "4"])
     rows = [json.loads(line) for line in (root / "stage2" / "answers.jsonl").read_text().splitlines()]
     assert summary["n"] == len(rows) == 4 and summary["skipped"] == 0
-    assert summary["accuracy"] == sum(r["correct"] for r in rows) / 4
-    assert all(r["correct"] == (evaluate.normalize_answer(r["answer"]) == evaluate.normalize_answer(r["reference"]))
-               for r in rows)
+    assert all(isinstance(r["answer"], str) and isinstance(r["correct"], bool) for r in rows)
+
+
+def test_evaluate_scores_answers_worked_by_hand(tmp_path, monkeypatch):
+    """Generation replaced by fixed answers: ' red.' to 'Red' (right), ' Red' to 'Blue' (wrong), ' a square' to
+    'Square' (right: the article goes), and a question whose image is missing counts wrong: 2 of 4. The question-only
+    baseline over the 3 asked: 'red' or 'blue' for the colour question (1 of 2), 'square' (1 of 1): 2 of 3."""
+    import random
+    from types import SimpleNamespace
+    from visualrwkv.data import draw_toy_image
+    from visualrwkv.tokenizer import WorldTokenizer
+    draw_toy_image("square", "red", "black", "left", random.Random(0), 32).save(tmp_path / "a.png")
+    ask = lambda q, a, image="a.png": dict(image=image, conversations=[
+        {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}])
+    records = [ask("What colour is the shape?", "Red"), ask("What colour is the shape?", "Blue"),
+               ask("What shape is in the image?", "Square"), ask("What shape is in the image?", "Square", "gone.png")]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    world = WorldTokenizer()
+    model = SimpleNamespace(image_position="middle", vit=SimpleNamespace(cfg=SimpleNamespace(image_size=32)))
+    monkeypatch.setattr(evaluate, "load_with_tokenizer", lambda args: (model, world))
+    def fixed_answers(model, ids, images, **kw):
+        assert len(ids) == 3 and all(i is not None for i in images)
+        return [world.encode(a) for a in (" red.", " Red", " a square")]
+    monkeypatch.setattr(evaluate, "generate", fixed_answers)
+    with pytest.warns(UserWarning, match="question '#3' cannot be asked, counted wrong"):
+        summary = evaluate.main(["--model", "unused.pth", "--data", str(tmp_path / "q.jsonl"), "--out",
+                                 str(tmp_path / "answers.jsonl"), "--max-missing", "0.5"])
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [r["correct"] for r in rows] == [True, False, True, False]
+    assert summary == dict(n=4, skipped=1, accuracy=0.5, question_only_baseline=2 / 3)
 
 
 @pytest.mark.parametrize("text,expected", [("Red", "red"), ("The red.", "red"), ("  a Circle!", "circle"),
@@ -555,8 +584,9 @@ def test_a_non_finite_loss_skips_the_step_and_keeps_the_weights_finite(tmp_path,
 
 def test_one_bf16_step_through_the_kernel_equals_float32(tmp_path):
     """The trainer's GPU path on the CPU: DeepSpeed's bf16 mode with the Triton WKV kernel (TRITON_INTERPRET=1) takes
-    the same first step as float32 through the chunked form: the same loss to bf16 precision and the same update of
-    the weights to within 10% of its size (Adam's first step is lr * sign(g) where g is not tiny)."""
+    the same first step as float32 through the chunked form: the same loss to 3e-4 of it (1.0e-4 observed) and the same
+    update of the weights to within 10% of its size (5.7% observed; Adam's first step is lr * sign(g) where g is not
+    tiny)."""
     env = {**ENV, "TRITON_INTERPRET": "1"}
     one_step = ["--toy", "--stage", "2", "--toy-samples", "16", "--ctx-len", "96", "--batch-size", "2",
                 "--micro-batch", "2", "--steps", "1", "--lr", "1e-2"]
@@ -567,7 +597,7 @@ def test_one_bf16_step_through_the_kernel_equals_float32(tmp_path):
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         assert f"{'bfloat16' if name == 'bf16' else 'float32'} on the CPU" in done.stdout
     (bf16,), (fp32,) = metrics(tmp_path / "bf16"), metrics(tmp_path / "fp32")
-    assert abs(bf16["loss"] - fp32["loss"]) < 1e-3 * fp32["loss"]
+    assert abs(bf16["loss"] - fp32["loss"]) < 3e-4 * fp32["loss"]
     cfg = train.parse_args(one_step + ["--out", str(tmp_path / "init")])
     init = visualrwkv_state_dict(T.build_model(cfg, T.model_config(cfg)))
     after = {name: read_state_dict(tmp_path / name / "visualrwkv.pth") for name in ("bf16", "fp32")}

@@ -11,7 +11,8 @@ from typing import Iterator
 
 import torch
 
-from .model import VisualRWKV, build_batch, load_visualrwkv, visual_forward_embeds
+from .model import VisualRWKV, build_batch, visual_forward_embeds
+from .checkpoint import load_visualrwkv
 from .prompts import (IMAGE_TOKEN, IMAGE_TOKEN_INDEX, STOP_TOKEN, STOP_TOKEN_INDEX, default_tokenizer,
                                 tokenize_conversation)
 from .rwkv import pick_dtype, sample_logits

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from .data import LlavaDataset, check_bad_fraction, collate_llava, make_toy_llava
-from .model import VisualRWKV, load_visualrwkv, next_token_loss, save_visualrwkv
+from .model import VisualRWKV, next_token_loss
+from .checkpoint import load_visualrwkv, save_visualrwkv
 from .rwkv import RWKV6Config, load_rwkv6, pick_dtype, randomize_, read_state_dict
 from .tokenizer import TOKENIZER_FILE, load_tokenizer
 from .vision import (CLIPVisionTower, VisionConfig, build_projector, hf_clip_vision_to_open_clip, load_checked,
