@@ -530,14 +530,15 @@ def stream_loss(model: RWKV6, stream: torch.Tensor, ctx_len: int, batch_size: in
 # %% ../nbs/18_toy_world.ipynb #5c4d4afa
 def pretrain_lm(texts, tokenizer, out_path, steps: int = 600, seed: int = 0, n_layer: int = 4, n_embd: int = 64,
                 head_size: int = 16, batch_size: int = 16, ctx_len: int = 128, lr: float = 6e-3, lr_end: float = 3e-4,
-                warmup: int = 20, held_out: float = 0.1) -> dict:
-    """Train a tiny RWKV-6 (vocabulary len(tokenizer)) on `texts` with next-token loss and save it with
-    write_state_dict at out_path (what `--lm` loads). Returns the losses and the held-out loss before/after."""
+                warmup: int = 20, held_out: float = 0.1, data_dependent: bool = True) -> dict:
+    """Train a tiny RWKV-6 (vocabulary len(tokenizer); `data_dependent=False`: the RWKV-5 style recurrence of
+    VisualRWKV-Base, Table 1) on `texts` with next-token loss and save it with write_state_dict at out_path (what
+    `--lm` loads). Returns the losses and the held-out loss before/after."""
     t0 = time.time()
     train, test = split_streams(texts, tokenizer, held_out, seed, min_tokens=ctx_len + 2)
     torch.manual_seed(seed)
     cfg = RWKV6Config(vocab_size=len(tokenizer), n_layer=n_layer, n_embd=n_embd, head_size=head_size, lora_mix=8,
-                      lora_decay=8)
+                      lora_decay=8, data_dependent=data_dependent)
     model, losses, batches = RWKV6(cfg), [], torch.Generator().manual_seed(seed)
     before = stream_loss(model, test, ctx_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
