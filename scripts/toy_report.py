@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 
 
-def summarise(out: Path, seconds: float) -> dict:
+def summarise(out: Path, seconds: float, world: Path = None) -> dict:
+    "summary.json's content from <out>/answers.jsonl and the world (default <out>/world)."
     from visualrwkv.toy import chance_and_baseline
-    world = out / "world"
+    world = out / "world" if world is None else world
     evaluation = [json.loads(line) for line in (world / "eval.jsonl").read_text().splitlines() if line.strip()]
     training = json.loads((world / "stage2.json").read_text())
     rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines() if line.strip()]
