@@ -59,7 +59,8 @@ def test_every_tensor_lands_and_forward_runs(tmp_path, data_dependent):
     images = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         h = hf(pixel_values=images).last_hidden_state
-        torch.testing.assert_close(model.vit(images), torch.cat([h[:, 1:], h[:, :1]], 1), atol=1e-5, rtol=1e-5)
+        hf_features = torch.cat([h[:, 1:], h[:, :1]], 1)                               # values up to 2.6
+        torch.testing.assert_close(model.vit(images), hf_features, atol=2e-6, rtol=0)     # observed <= 4.8e-7
         out = model([[1, 2, IMAGE_TOKEN_INDEX, 3], [4, 5]], [images[0], None])
     assert out.logits.shape == (2, 2 + 5 + 1, 50) and torch.isfinite(out.logits).all()
     assert not any(p.requires_grad for p in model.vit.parameters())

@@ -102,7 +102,8 @@ def test_prefill_equals_the_forward_at_the_last_real_token():
     logits, state = prefill(model, samples, images)
     with torch.no_grad(): out = model(samples, images)
     assert logits.shape == (5, VOCAB)
-    for b, n in enumerate(lengths): torch.testing.assert_close(logits[b], out.logits[b, n - 1], atol=1e-12, rtol=0)
+    for b, n in enumerate(lengths):                                   # observed 0: the same forward, head at one place
+        torch.testing.assert_close(logits[b], out.logits[b, n - 1], atol=4e-15, rtol=0)
     for s_prefill, s_forward in zip(state, out.state):
         for a, c in zip(s_prefill, s_forward): assert torch.equal(a, c)
 
@@ -115,7 +116,7 @@ def test_decode_step_continues_the_prompt():
     for t in range(3): logits, state = decode_step(model, tail[:, t], state)
     for b, (ids, image) in enumerate(zip(samples, images)):
         with torch.no_grad(): whole = model([ids + tail[b].tolist()], None if image is None else [image]).logits[0, -1]
-        torch.testing.assert_close(logits[b], whole, atol=1e-10, rtol=0)
+        torch.testing.assert_close(logits[b], whole, atol=4e-15, rtol=0)            # logits up to 2: observed <= 9e-16
 
 
 def test_generate_batched_equals_alone():

@@ -1,6 +1,7 @@
 """scripts/gpu_check.py in its --cpu mode: every part that can run without a GPU runs end to end at tiny sizes (Triton
 under its interpreter, DeepSpeed on gloo), and a failing or crashing part is reported while the others still run."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,7 +41,9 @@ def test_cpu_check_passes_parts_a_b_c(tmp_path):
     assert table_row(result.stdout, "d")[2] == "skipped"
 
     a = report(tmp_path, "a")
-    tol = {"float32": 1e-4, "bfloat16": 2e-2}                          # kernels/README.md's tolerances
+    # worst over the 25 cases of part a on the CPU: fp32 2.4e-6, bf16 1.2e-2 (tests/test_wkv_triton.py: up to 2.1e-2 in
+    # bf16 dlogw over four seeds); part b's check: fp32 5.9e-7, bf16 9.1e-3
+    tol = {"float32": 1e-5, "bfloat16": 2e-2}
     assert {c["dtype"] for c in a["cases"]} == set(tol)
     for c in a["cases"]:
         assert set(c["max_rel"]) >= {"o", "state", "dr", "dk", "dv", "dlogw", "du"}
@@ -59,8 +62,11 @@ def test_cpu_check_passes_parts_a_b_c(tmp_path):
 
     c = report(tmp_path, "c")
     assert c["dtype"] == "torch.bfloat16" and c["ctx"] == 64 and c["zero_stage"] == 2 and c["steps_timed"] == 3
-    assert c["loss_rel_diff"] <= 1e-3 and c["logits_max_rel_diff"] <= 5e-2
-    assert all(x == x and abs(x) < 100 for x in c["losses"]) and c["tokens_per_s"] > 0
+    # observed 3.6e-5 and 6.3e-3 (seeded); the script's calibration at 24 layers gave 7e-5 and 1.7e-2 (TRAIN_TOL_NOTE)
+    assert c["loss_rel_diff"] <= 2e-4 and c["logits_max_rel_diff"] <= 2e-2
+    # a random model guesses near uniformly over the 65536 ids: step-0 loss near ln 65536 = 11.09 (observed 11.23);
+    # the steps lower it (observed 11.23 -> 11.19)
+    assert abs(c["losses"][0] - math.log(65536)) < 0.5 and c["losses"][-1] < c["losses"][0] and c["tokens_per_s"] > 0
     assert c["mfu"] is None and c["peak_memory_GiB"] is None           # CUDA-only numbers
     assert c["flops_per_step"] == sum(c["flops_terms"].values())
 

@@ -95,11 +95,11 @@ def test_bf16_model_through_triton_equals_float32_chunked():
     assert set(grads) == set(ref_grads) and len(grads) > 20
     names = [n for n in ref_grads if ref_grads[n].norm() > 0]
     assert all(grads[n].dtype == torch.bfloat16 and grads[n].norm() > 0 for n in names)
-    assert rel_err(logits, ref_logits) < 1.5e-2
-    assert abs(loss.item() - ref_loss.item()) < 1e-3 * ref_loss.item()
+    assert rel_err(logits, ref_logits) < 1.5e-2                  # observed over three seeds: 8.1e-3 to 9.2e-3
+    assert abs(loss.item() - ref_loss.item()) < 1e-3 * ref_loss.item()    # 1.8e-5 to 3.4e-4
     grad_err, floor = rel_err(flat(grads, names), flat(ref_grads, names)), rel_err(flat(floor_grads, names),
                                                                                flat(ref_grads, names))
-    assert grad_err < 0.1 and grad_err < 2 * floor, (grad_err, floor)
+    assert grad_err < 0.1 and grad_err < 2 * floor, (grad_err, floor)    # 7.3e-2 = 1.7 x floor; seeds 1, 2: 1.3x, 1.0x
 
 
 def test_float32_model_through_triton_equals_chunked():
@@ -107,7 +107,7 @@ def test_float32_model_through_triton_equals_chunked():
     model, (samples, images, labels) = make_model(seed=3), batch(seed=3)
     ref_logits, _, ref_grads = forward_backward(as_impl(model, torch.float32, "chunked"), samples, images, labels)
     logits, _, grads = forward_backward(as_impl(model, torch.float32, "triton"), samples, images, labels)
-    assert rel_err(logits, ref_logits) < 1e-5
+    assert rel_err(logits, ref_logits) < 5e-7                                  # observed 1.3e-7 to 1.7e-7, 3 seeds
     assert max(rel_err(g, ref_grads[n]) for n, g in grads.items() if ref_grads[n].norm() > 0) < 1e-4
 
 
@@ -137,7 +137,7 @@ def test_bf16_rnn_mode_generation_through_the_kernel_path(dispatch, monkeypatch)
             logits, state = decode_step(m16, torch.tensor([t]), state)
             steps.append(logits[0])
         got = torch.stack(steps)                                                                   # [7, vocab]
-        assert rel_err(got, want) < 3e-2, (b, rel_err(got, want))
+        assert rel_err(got, want) < 1.5e-2, (b, rel_err(got, want))              # observed 5.5e-3 to 7.4e-3, 3 seeds
         top2 = want[:-1].topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > 0.1 * want.abs().max()
         assert torch.equal(torch.tensor(new[b])[clear], want[:-1].argmax(-1)[clear])

@@ -16,6 +16,9 @@ SIZES = {  # LoRA widths of the <=3B models (32/64) and of the 7B model (64/128)
 }
 
 
+TOL = 2e-6   # float32 rounding: observed 1.8e-7 to 4.7e-7 (logits, RNN steps, state) over three random checkpoints
+
+
 def rel_err(got, want):
     return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
@@ -46,7 +49,7 @@ def test_logits_match_reference_package(checkpoint):
     with torch.no_grad():
         got = ours(tokens[None])[0]
     assert want.shape == got.shape
-    assert rel_err(got, want) < 1e-4
+    assert rel_err(got, want) < TOL
 
 
 def test_rnn_mode_matches_reference_state(checkpoint):
@@ -60,11 +63,11 @@ def test_rnn_mode_matches_reference_state(checkpoint):
         for t in tokens[12:]:
             want, ref_state = ref.forward([t], ref_state)
             got, state = ours.step(torch.tensor([t]), state)
-            assert rel_err(got[0], want) < 1e-4
+            assert rel_err(got[0], want) < TOL
     for i, layer in enumerate(state):                 # reference state: [att_x, wkv (transposed as H,K,V), ffn_x] per layer
-        assert rel_err(layer.att_x[0], ref_state[3 * i]) < 1e-4
-        assert rel_err(layer.wkv[0], ref_state[3 * i + 1]) < 1e-4
-        assert rel_err(layer.ffn_x[0], ref_state[3 * i + 2]) < 1e-4
+        assert rel_err(layer.att_x[0], ref_state[3 * i]) < TOL
+        assert rel_err(layer.wkv[0], ref_state[3 * i + 1]) < TOL
+        assert rel_err(layer.ffn_x[0], ref_state[3 * i + 2]) < TOL
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -89,9 +92,10 @@ X060_LITERALS = {
 
 
 def gram(w, gain, rows):
-    "An orthogonal_(w, gain) matrix has orthonormal rows (wide) or columns (tall), times gain: w w^T or w^T w = gain^2 I."
+    """An orthogonal_(w, gain) matrix has orthonormal rows (wide) or columns (tall), times gain: w w^T or w^T w =
+    gain^2 I, to float32 rounding (observed within 6e-7 gain^2 over three seeds)."""
     g = w @ w.T if rows else w.T @ w
-    return torch.testing.assert_close(g, gain ** 2 * torch.eye(len(g)), atol=1e-5, rtol=0)
+    return torch.testing.assert_close(g, gain ** 2 * torch.eye(len(g)), atol=2e-6 * gain ** 2, rtol=0)
 
 
 @pytest.mark.parametrize("vocab_size", [16, 6])          # head gain: 0.5 sqrt(V / C) when V > C, else 0.5

@@ -324,7 +324,9 @@ def test_pretrain_vision_learns_and_loads(world, tmp_path):
     folder, _ = world
     metrics = pretrain_vision(folder, tmp_path / "clip.pth", steps=12, batch_size=32, seed=0)
     assert len(metrics["loss"]) == 12 and np.mean(metrics["loss"][-3:]) < metrics["loss"][0]
-    assert metrics["n_held_out"] == 70 and 0 <= metrics["retrieval_after"] <= 1
+    assert metrics["n_held_out"] == 70 and metrics["retrieval_chance"] == 1 / 70   # one caption right of 70 by chance
+    right = [metrics[k] * 70 for k in ("retrieval_before", "retrieval_after")]    # 12 steps stay at chance: 1 and 1
+    assert all(0 <= n <= 70 and n == pytest.approx(round(n)) for n in right)      # a count of held-out captions
     tower = load_tower(tmp_path / "clip.pth", head_width=TOY_TOWER.head_width, quick_gelu=True)   # what --vision does
     assert tower.cfg == TOY_TOWER
     saved = read_state_dict(tmp_path / "clip.pth")

@@ -33,7 +33,7 @@ def test_hf_converted_features_equal(prefix):
     images = torch.randn(3, 3, 42, 42)
     feats = tower(images)
     assert feats.shape == (3, 37, 48)
-    torch.testing.assert_close(feats, hf_features(hf, images), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(feats, hf_features(hf, images), atol=3e-6, rtol=0)   # features up to 3.6: observed 0
 
 
 def test_gelu_tower_matches_gelu_hf_and_differs_from_quick_gelu():
@@ -42,8 +42,8 @@ def test_gelu_tower_matches_gelu_hf_and_differs_from_quick_gelu():
     images = torch.randn(2, 3, 42, 42)
     exact, quick = (CLIPVisionTower(vision_config_from_state_dict(sd, head_width=16, quick_gelu=q)) for q in (False, True))
     for t in (exact, quick): load_checked(t.visual, sd)
-    torch.testing.assert_close(exact(images), hf_features(hf, images), atol=1e-5, rtol=1e-5)
-    assert (quick(images) - exact(images)).abs().max() > 1e-3
+    torch.testing.assert_close(exact(images), hf_features(hf, images), atol=3e-6, rtol=0)   # observed <= 9.5e-7
+    assert (quick(images) - exact(images)).abs().max() > 1e-2                              # observed 2.5e-2 to 4.1e-2
 
 
 def test_round_trip_and_position_ids_buffer():
@@ -121,7 +121,7 @@ def test_preprocess_matches_hf_clip_image_processor(size):
     theirs = torch.tensor(proc(images=img, return_tensors="np")["pixel_values"][0])
     diff = (ours - theirs).abs()
     assert ours.shape == (3, 336, 336)
-    assert diff.max() <= 1 / 255 / min(OPENAI_DATASET_STD) + 1e-6 and diff.mean() < 1e-3
+    assert diff.max() <= 1 / 255 / min(OPENAI_DATASET_STD) + 1e-6 and diff.mean() < 2e-4  # one level; mean <= 7e-5
 
 
 @pytest.mark.parametrize("mode", ["P", "RGBA", "LA"])
@@ -143,4 +143,4 @@ def test_preprocess_converts_to_rgb_before_resizing(mode):
     theirs = torch.tensor(proc(images=img.convert("RGB"), return_tensors="np")["pixel_values"][0])
     diff = (ours - theirs).abs()
     assert ours.shape == (3, 336, 336)
-    assert diff.max() <= 1 / 255 / min(OPENAI_DATASET_STD) + 1e-6 and diff.mean() < 1e-3
+    assert diff.max() <= 1 / 255 / min(OPENAI_DATASET_STD) + 1e-6 and diff.mean() < 2e-4  # one level; mean <= 7e-5

@@ -56,7 +56,7 @@ def test_chunked_equals_recurrent(form, T, decay, with_state):
 def test_any_chunk_size(form, chunk_size):
     inputs = make_inputs(2, 50, 2, 8, "mild", True, seed=chunk_size)
     want, got = wkv6_naive(*inputs), FORMS[form](*inputs, chunk_size=chunk_size)
-    for g, w in zip(got, want): torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    for g, w in zip(got, want): torch.testing.assert_close(g, w, rtol=3e-14, atol=3e-14)   # observed <= 8e-15
 
 
 @pytest.mark.parametrize("segment", [16, 48, 100, None])
@@ -64,7 +64,7 @@ def test_segments_carry_the_state(segment):
     inputs = make_inputs(2, 100, 2, 8, "strong", True, seed=3)
     want = outputs_and_grads(wkv6_naive, inputs, seed=1)
     got = outputs_and_grads(lambda *a: wkv6_chunked_matmul(*a, chunk_size=16, segment=segment), inputs, seed=1)
-    for g, w in zip(got, want): torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got, want): torch.testing.assert_close(g, w, rtol=2e-13, atol=2e-13)   # observed <= 6.3e-14
 
 
 @pytest.mark.parametrize("chunk_size", [0, 3, 24])
@@ -75,15 +75,17 @@ def test_halving_needs_a_power_of_two(chunk_size):
 
 
 @pytest.mark.parametrize("impl", ["chunked", "chunked_matmul"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-def test_low_precision_against_float64(impl, dtype, tol):
+@pytest.mark.parametrize("dtype,o_tol", [(torch.float32, 2e-5),      # observed 3e-6 to 1.1e-5 over six seeds
+                                         (torch.bfloat16, 1e-2)])    # observed 1.9e-3 to 3.3e-3: the bf16 output
+def test_low_precision_against_float64(impl, dtype, o_tol):
+    """The output in its dtype, the state in float32 whatever r, k, v are (observed <= 6e-7 over six seeds)."""
     inputs = make_inputs(2, 70, 2, 16, "strong", True, seed=5)
     low = [x.to(dtype) if i < 3 else x.float() for i, x in enumerate(inputs)]   # r, k, v in dtype; logw, u, state fp32
     o, s = wkv6(*low, impl=impl)
     assert o.dtype == dtype and s.dtype == torch.float32
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
     ref_o, ref_s = wkv6_naive(*[x.double() for x in low])                      # same rounded inputs, exact arithmetic
-    assert rel_err(o, ref_o) < tol and rel_err(s, ref_s) < tol
+    assert rel_err(o, ref_o) < o_tol and rel_err(s, ref_s) < 2e-6
 
 
 def test_bf16_inputs_keep_logw_float32():
@@ -95,7 +97,8 @@ def test_bf16_inputs_keep_logw_float32():
     ref_o, ref_s = wkv6_naive(r16.double(), k16.double(), v16.double(), logw, u, state)
     o, s = wkv6(r16, k16, v16, logw.float(), u.float(), state.float())
     assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
-    assert rel_err(o, ref_o) < 1e-2 and rel_err(s, ref_s) < 1e-5
+    # observed over five seeds: o 1.8e-3 to 3.9e-3, state 1e-7 to 1.3e-7; state from a bf16 logw 4.7e-4 to 7e-4
+    assert rel_err(o, ref_o) < 1e-2 and rel_err(s, ref_s) < 5e-7
     _, s_rounded = wkv6(r16, k16, v16, logw.to(torch.bfloat16).float(), u.float(), state.float())
     assert rel_err(s_rounded, ref_s) > 1e-4
 
@@ -107,7 +110,8 @@ def test_batched_equals_alone(form):
     for b in range(3):
         r, k, v, logw, u, st = inputs
         o_b, s_b = FORMS[form](r[b:b + 1], k[b:b + 1], v[b:b + 1], logw[b:b + 1], u, st[b:b + 1])
-        torch.testing.assert_close(o_b[0], o[b]); torch.testing.assert_close(s_b[0], s[b])
+        for alone, batched in ((o_b[0], o[b]), (s_b[0], s[b])):             # observed equal to the bit
+            torch.testing.assert_close(alone, batched, rtol=1e-13, atol=1e-13)
 
 
 def test_default_impl():
