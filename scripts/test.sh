@@ -16,4 +16,4 @@ echo "== 2/3 nbdev_test (CPU; cells flagged cuda or slow are skipped)"
 OMP_NUM_THREADS=1 nbdev_test --n_workers 2 --timing     # two notebooks at a time, one thread each
 
 echo "== 3/3 pytest tests/"
-OMP_NUM_THREADS=2 python -m pytest tests/ -q
+OMP_NUM_THREADS=2 python -m pytest tests/ -q --durations=15      # the slowest tests listed at the end
