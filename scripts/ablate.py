@@ -6,8 +6,9 @@
 Every setting changes one thing of the default (data-dependent recurrence, sandwich prompt, bidirectional scan,
 sample-level loss, 3x3 + CLS image tokens), as its table in the paper does. All runs share one base, built once: the
 toy world, stage 0 (tower and language model; a second, RWKV-5 style language model for Table 1) and stage 1 (the
-projector, image first, as the official scripts). Each (setting, seed) is then a short stage 2 from that base and a
-greedy evaluation on the held-out questions; the seed sets stage 2's sample order. A finished run leaves
+projector, image first, as the official scripts), each part built when a chosen setting first needs it. Each
+(setting, seed) is then a short stage 2 from that base and a greedy evaluation on the held-out questions; the seed sets
+stage 2's sample order. A finished run leaves
 `runs/<setting>/seed-<n>/result.json` (written atomically) and is never repeated, so the set can be stopped and
 resumed; an unfinished one starts over. After each run, `ablations.md` (mean and spread per setting and question
 type) and `ablations.png` are rewritten from every finished run.
@@ -66,24 +67,29 @@ def train(args, stage_args: list, log: Path):
               log, env)
 
 
-def build_base(args) -> Path:
-    "The shared base (world, stage 0 with both language models, stage 1 on each), built once under <out>/base."
+def build_base(args, recurrences) -> Path:
+    """The shared base under <out>/base, each part built once: the world and stage 0 (done.json), then for each of
+    `recurrences` its stage 1 (and, for "static", its own stage-0 language model first)."""
     base = Path(args.out) / "base"
-    if (base / "done.json").is_file(): return base
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    t0 = time.time()
-    run_quiet([sys.executable, "scripts/toy_stage0.py", "--out", str(base), "--seed", "0",
-               "--train-images", str(args.train_images), "--eval-questions", str(args.eval_questions),
-               "--vision-steps", str(args.vision_steps), "--lm-steps", str(args.lm_steps)], base / "stage0.log", os.environ)
-    static_lm(base, args.lm_steps)
-    for recurrence, lm in (("data-dependent", "toy_lm.pth"), ("static", "toy_lm_static.pth")):
-        train(args, ["--stage", "1", "--out", str(base / f"stage1-{recurrence}"), "--lm", str(base / "stage0" / lm),
+    if not (base / "done.json").is_file():
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
+        t0 = time.time()
+        run_quiet([sys.executable, "scripts/toy_stage0.py", "--out", str(base), "--seed", "0",
+                   "--train-images", str(args.train_images), "--eval-questions", str(args.eval_questions),
+                   "--vision-steps", str(args.vision_steps), "--lm-steps", str(args.lm_steps)], base / "stage0.log",
+                  os.environ)
+        atomic_json(base / "done.json", dict(seconds=time.time() - t0))
+    for recurrence in recurrences:
+        stage1 = base / f"stage1-{recurrence}"
+        if (stage1 / "visualrwkv.pth").is_file(): continue
+        lm = base / "stage0" / ("toy_lm.pth" if recurrence == "data-dependent" else "toy_lm_static.pth")
+        if not lm.is_file(): static_lm(base, args.lm_steps)
+        shutil.rmtree(stage1, ignore_errors=True)
+        train(args, ["--stage", "1", "--out", str(stage1), "--lm", str(lm),
                      "--vision", str(base / "stage0" / "toy_clip.pth"), "--tokenizer",
                      str(base / "world" / "toy_tokenizer.json"), "--data", str(base / "world" / "stage1.json"),
-                     "--steps", str(args.stage1_steps), "--lr", "1e-2", "--lr-end", "1e-3"],
-              base / f"stage1-{recurrence}.log")
-    atomic_json(base / "done.json", dict(seconds=time.time() - t0))
+                     "--steps", str(args.stage1_steps), "--lr", "1e-2", "--lr-end", "1e-3"], base / f"{stage1.name}.log")
     return base
 
 
@@ -217,7 +223,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     t0 = time.time()
-    base = build_base(args)
+    base = build_base(args, sorted({setting(name)["recurrence"] for name in args.settings}))
     print(f"base ready in {out / 'base'} ({time.time() - t0:.0f} s)", flush=True)
     for seed in args.seeds:
         for name in args.settings:

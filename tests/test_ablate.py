@@ -57,17 +57,18 @@ def test_a_tiny_ablation_runs_caches_and_reports(tmp_path):
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         return done.stdout
 
-    ablation("--settings", "default,static-recurrence", "--seeds", "0")
-    results = {p.parent.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("runs/*/seed-0/result.json")}
-    assert set(results) == {"default", "static-recurrence"}
-    assert results["static-recurrence"]["config"]["recurrence"] == "static"
+    ablation("--settings", "static-recurrence", "--seeds", "0")              # builds only the parts it needs
+    assert not (tmp_path / "base/stage1-data-dependent").exists()
+    result = json.loads((tmp_path / "runs/static-recurrence/seed-0/result.json").read_text())
+    assert result["config"]["recurrence"] == "static" and result["stage2_steps"] == 2
     static = torch.load(tmp_path / "runs/static-recurrence/seed-0/stage2/visualrwkv.pth", weights_only=True)
-    default = torch.load(tmp_path / "runs/default/seed-0/stage2/visualrwkv.pth", weights_only=True)
-    assert "rwkv.blocks.0.att.time_maa_w1" in default and "rwkv.blocks.0.att.time_maa_w1" not in static
-    assert json.loads((tmp_path / "runs/default/seed-0/stage2/model_config.json").read_text())["grid_size"] == 3
+    dependent = torch.load(tmp_path / "base/stage0/toy_lm.pth", weights_only=True)
+    assert "blocks.0.att.time_maa_w1" in dependent and "rwkv.blocks.0.att.time_maa_w1" not in static
+    assert "rwkv.blocks.0.att.time_maa_k" in static                       # its fixed token-shift mix (Eq. 1)
+    assert json.loads((tmp_path / "runs/static-recurrence/seed-0/stage2/model_config.json").read_text())["grid_size"] == 3
     finished = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed-0/*")}
-    ablation("--settings", "default,static-recurrence", "--seeds", "0")     # both cached: nothing runs again
+    ablation("--settings", "static-recurrence", "--seeds", "0")              # cached: nothing runs again
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/seed-0/*")} == finished
     table = (tmp_path / "ablations.md").read_text().splitlines()
-    assert table[2].startswith("| default | all | - | 1 |") and table[3].startswith("| static-recurrence | Table 1 |")
+    assert table[2].startswith("| static-recurrence | Table 1 | recurrence=static | 1 |")
     assert (tmp_path / "ablations.png").stat().st_size > 5_000
