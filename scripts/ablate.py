@@ -114,7 +114,12 @@ def atomic_json(path: Path, obj):
 def one_run(args, base: Path, name: str, seed: int) -> dict:
     "Stage 2 of `name` with `seed` from the base, then evaluation; the result is cached in result.json."
     run = Path(args.out) / "runs" / name / f"seed-{seed}"
-    if (run / "result.json").is_file(): return json.loads((run / "result.json").read_text())
+    if (run / "result.json").is_file():
+        cached = json.loads((run / "result.json").read_text())
+        if (cached["stage2_steps"], cached["lr"]) != (args.stage2_steps, args.lr):
+            raise ValueError(f"{run / 'result.json'}: finished with --stage2-steps {cached['stage2_steps']} --lr "
+                             f"{cached['lr']}, not {args.stage2_steps} and {args.lr}; use another --out")
+        return cached
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     cfg, t0 = setting(name), time.time()

@@ -44,6 +44,17 @@ def test_the_table_gives_mean_and_sample_spread():
     assert lines[4] == "| bar: max(chance, question-only) | | | | | | 30.0 |"
 
 
+def test_a_cached_run_of_another_schedule_is_refused(tmp_path):
+    run = tmp_path / "runs" / "default" / "seed-0"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps(dict(fake_result("default", 0, 0.5, 0.5), stage2_steps=300, lr=3e-3)))
+    args = ablate.parse_args(["--out", str(tmp_path), "--stage2-steps", "1000"])
+    with pytest.raises(ValueError, match="finished with --stage2-steps 300 --lr 0.003, not 1000 and 0.003"):
+        ablate.one_run(args, tmp_path / "base", "default", 0)
+    args = ablate.parse_args(["--out", str(tmp_path), "--stage2-steps", "300"])
+    assert ablate.one_run(args, tmp_path / "base", "default", 0)["overall"] == 0.5      # same schedule: the cache
+
+
 def test_an_unknown_setting_is_refused_by_the_command():
     done = subprocess.run([sys.executable, "scripts/ablate.py", "--settings", "default,nope"], cwd=REPO, env=ENV,
                           capture_output=True, text=True)
