@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import toy_diagnose                                                             # noqa: E402
@@ -53,3 +54,21 @@ def test_text_runs_from_the_command_line(tiny_run, tmp_path, arch):
     assert [p["step"] for p in result["curve"]] == [2, 3]
     assert set(result["curve"][-1]["per_type"]) == {"colour", "count", "multiple_choice", "position", "relation",
                                                    "shape", "yes_no"}
+
+
+def test_exact_match_needs_every_answer_token_right():
+    samples = [([5, 6, 7, 8, 9], 3, "a"), ([1, 2, 3], 2, "b"), ([4, 4, 6, 1], 2, "b")]
+
+    def predicting(shift):                       # logits whose top token at t is ids[t + shift] (0 past the end)
+        def model(ids):
+            nxt = torch.cat([ids[:, shift:], ids.new_zeros(ids.shape[0], shift)], 1) if shift else ids
+            return torch.nn.functional.one_hot(nxt, 10).float()
+        return model
+    model = predicting(1)
+    model.eval = model.train = lambda *a: None
+    assert toy_diagnose.exact_match(model, samples) == {"a": 1.0, "b": 1.0}
+    copying = predicting(0)                       # repeats the current token: right only where it equals the next
+    copying.eval = copying.train = lambda *a: None
+    assert toy_diagnose.exact_match(copying, samples) == {"a": 0.0, "b": 0.0}
+    wrong_last = samples[:2] + [([4, 4, 6, 1], 1, "b")]     # answer 4, 6, 1: the copy gets 4 right, not 6
+    assert toy_diagnose.exact_match(copying, wrong_last)["b"] == 0.0
